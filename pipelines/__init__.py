@@ -1,0 +1,1 @@
+"""squeezelab's Ray jobs: one module per job, each runnable as ``python -m pipelines.<job>``."""

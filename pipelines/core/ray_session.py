@@ -1,0 +1,35 @@
+"""Ray start-up: join the cluster a job was submitted to, or start an embedded local one.
+
+``ray.init()`` connects to ``RAY_ADDRESS`` when set (``ray job submit`` sets it for the driver) and
+otherwise starts a local Ray with token auth on (Ray 2.59+). The env vars every worker needs - the
+MLflow store, the data cache - travel in the job's runtime env, never in code.
+"""
+from __future__ import annotations
+
+import os
+
+from pipelines.core.config import ConfigError
+
+# Forwarded to every Ray worker of a job started from this driver.
+_FORWARDED = ("MLFLOW_TRACKING_URI", "SQUEEZELAB_CACHE")
+
+
+def ensure_ray(tracking_uri: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    ray.init(runtime_env={"env_vars": env}, log_to_driver=True, include_dashboard=False,
+             configure_logging=True, logging_level="WARNING")
+
+
+def require_cpus(needed: float, what: str) -> None:
+    """Fail before starting when the cluster can never fit the job (Ray would wait forever)."""
+    import ray
+
+    have = ray.cluster_resources().get("CPU", 0)
+    if needed > have:
+        raise ConfigError(f"{what}: needs {needed:g} CPUs but the Ray cluster has {have:g}")

@@ -1,0 +1,195 @@
+"""MLflow tracking: where the store is, the parent run of a job, model artifacts in and out.
+
+Store: ``MLFLOW_TRACKING_URI`` when set, else a SQLite store in the repository's ``mlflow/`` folder
+(MLflow 3.13+ refuses a plain ``./mlruns`` file store) with artifacts beside it. A job submitted
+with ``ray job submit`` runs in a temporary copy of the working dir, where that default would vanish
+with the job, so there the URI must come through ``runtime_env.env_vars`` (see the README).
+
+Models are logged as a directory artifact (``model/``: safetensors + model.json, never a pickle) and
+are addressed as ``runs:/<run_id>`` or ``models:/<registered name>@<alias>``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipelines.core.config import ConfigError, JobConfig, flatten, to_yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_STORE = REPO / "mlflow"
+MODEL_DIR = "model"
+# MLflow caps a param value at 6000 characters; configs never come close, but be explicit
+_PARAM_MAX = 6000
+
+
+def in_submitted_job() -> bool:
+    """True inside the driver of a ``ray job submit`` job (Ray passes the job config in this variable)."""
+    return "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("file:") or (uri and "://" not in uri):
+            raise ConfigError(f"MLFLOW_TRACKING_URI={uri}: MLflow 3.17 refuses file stores; "
+                              "use sqlite:////abs/path/mlflow.db or an http:// tracking server")
+        return uri
+    if in_submitted_job():
+        raise ConfigError(
+            "MLFLOW_TRACKING_URI: not set, and a submitted job runs in a temporary copy of the working "
+            "dir where the default store would be lost; pass it with --runtime-env-json "
+            "'{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"sqlite:////abs/path/mlflow/mlflow.db\"}}' "
+            "or point it at a tracking server (make mlflow-server)")
+    DEFAULT_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: beside a SQLite store; a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _mlflow():
+    import mlflow  # imported late: `tasks` never needs it and the CLI should start fast
+
+    return mlflow
+
+
+def setup(experiment: str) -> str:
+    """Point MLflow at the store and experiment; returns the tracking URI (workers need it too)."""
+    mlflow = _mlflow()
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifact_root(uri))
+        except mlflow.exceptions.MlflowException:
+            pass  # created concurrently by another job
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def versions() -> dict[str, str]:
+    import deepspeed
+    import ray
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"  # a job's working-dir copy has no .git
+    return {"git_commit": commit, "ray_version": ray.__version__, "torch_version": torch.__version__,
+            "deepspeed_version": deepspeed.__version__}
+
+
+@contextlib.contextmanager
+def job_run(cfg: JobConfig, job: str, experiment: str, run_name: str,
+            resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """The parent MLflow run of a job: params = flattened resolved config, ``config.yaml`` artifact,
+    tags with versions. ``resume_run_id`` reopens the run of an interrupted job."""
+    mlflow = _mlflow()
+    setup(experiment)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id)
+    else:
+        run = mlflow.start_run(run_name=run_name)
+        params = {k: str(v)[:_PARAM_MAX] for k, v in flatten(cfg.model_dump(mode="json")).items()}
+        mlflow.log_params(params)
+        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.set_tags({"squeezelab.job": job, **versions(), **(tags or {})})
+    try:
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+
+class RunLogger:
+    """Logs to an existing run by id from any process (e.g. the rank-0 Ray Train worker)."""
+
+    def __init__(self, uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def model(self, local_dir: str | Path) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), MODEL_DIR)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def figure(self, fig, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """``runs:/<id>`` | ``runs:/<id>/model`` | ``models:/<name>@<alias>`` | ``models:/<name>/<version>``
+    -> the artifact URI of the model directory."""
+    mlflow = _mlflow()
+    client = mlflow.tracking.MlflowClient()
+    if model_uri.startswith("runs:/"):
+        run_id, _, sub = model_uri.removeprefix("runs:/").partition("/")
+        return f"runs:/{run_id}/{sub or MODEL_DIR}"
+    if model_uri.startswith("models:/"):
+        ref = model_uri.removeprefix("models:/")
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            name, number = ref.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        return version.source
+    raise ValueError(f"model URI {model_uri!r}: expected runs:/<run_id> or models:/<name>@<alias>")
+
+
+def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
+    """Fetch a logged model directory to local disk and return its path."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    dst = Path(dst or tempfile.mkdtemp(prefix="squeezelab-model-"))
+    local = mlflow.artifacts.download_artifacts(artifact_uri=resolve_model_uri(model_uri), dst_path=str(dst))
+    return Path(local)
+
+
+def load_logged_model(model_uri: str):
+    """(torch module in eval mode, model.json spec, local dir) for a logged model."""
+    from tasks.common.model_io import load_model
+
+    local = download_model(model_uri)
+    model, spec = load_model(local)
+    return model, spec, local
+
+
+def register(run_id: str, name: str, alias: str | None = None) -> str:
+    """Register a run's model directory under ``name`` (and point ``alias`` at it); returns the version."""
+    mlflow = _mlflow()
+    client = mlflow.tracking.MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass  # exists
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{MODEL_DIR}", run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return version.version
+
+
+def run_summary_json(values: dict[str, Any]) -> str:
+    return json.dumps(values, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,1 @@
+"""What several methods share: registries, datasets, model files, seeding, statistics."""

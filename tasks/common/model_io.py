@@ -1,0 +1,54 @@
+"""Model files without pickle: weights as safetensors plus ``model.json`` naming the registry entry.
+
+``model.json`` holds ``{"model": <registry name>, "kwargs": {...}, "input": {...}, ...}``; loading
+rebuilds the module from the registry and fills it from the safetensors file, so no code is ever
+deserialised. The ``input`` block tells a server how to turn raw pixels into the tensor the model
+was trained on (shape, pixel scale, mean, std) and what the classes are called.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tasks.common.registry import get_model
+
+WEIGHTS = "model.safetensors"
+SPEC = "model.json"
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, name: str, kwargs: dict[str, Any],
+               **meta: Any) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory``; returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # contiguous CPU copies: safetensors refuses shared or strided storage
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    spec = {"model": name, "kwargs": kwargs, **meta}
+    (directory / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    return directory
+
+
+def read_spec(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / SPEC
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: not a squeezelab model directory")
+    return json.loads(path.read_text())
+
+
+def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the module named in ``model.json`` and load its weights; returns (model in eval mode, spec)."""
+    directory = Path(directory)
+    spec = read_spec(directory)
+    model = get_model(spec["model"], **spec["kwargs"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
+    return model.eval(), spec
+
+
+def artifact_bytes(directory: str | Path) -> int:
+    """Bytes on disk of every file of the model: the size we report."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

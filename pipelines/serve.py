@@ -66,11 +66,12 @@ def parse_images(body: bytes, shape: tuple[int, ...], max_images: int, pixel_max
         raise BadRequest(422, f"images: values must be numbers, got {arr.dtype.kind!r} "
                               f"({'booleans' if arr.dtype.kind == 'b' else arr.dtype.name})")
     c, h, w = shape
+    sent = "x".join(map(str, arr.shape[1:]))
     if arr.ndim == 3 and c == 1:
         arr = arr[:, None]
     if arr.shape[1:] != (c, h, w):
         want = f"{h}x{w}" + (f" (or 1x{h}x{w})" if c == 1 else f" with {c} channels first")
-        raise BadRequest(422, f"images: each image must be {want}, got {'x'.join(map(str, arr.shape[1:]))}")
+        raise BadRequest(422, f"images: each image must be {want}, got {sent}")
     arr = arr.astype(np.float32)
     finite = np.isfinite(arr).reshape(len(arr), -1).all(1)
     if not finite.all():
@@ -150,7 +151,10 @@ def app_builder(args: dict[str, str]):
         raise ValueError(f"app args: need model_uri; unknown {sorted(unknown)}; known {sorted(known)}")
     casts = {"max_images": int, "max_batch_size": int, "batch_wait_timeout_s": float, "threads": int}
     kwargs = {k: casts.get(k, str)(v) for k, v in args.items()}
-    kwargs.setdefault("tracking_uri", os.environ.get("MLFLOW_TRACKING_URI"))
+    if "tracking_uri" not in kwargs:
+        from pipelines.core.tracking import tracking_uri
+
+        kwargs["tracking_uri"] = tracking_uri()
     return ImageClassifier.bind(**kwargs)
 
 

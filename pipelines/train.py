@@ -63,6 +63,7 @@ class ScalingConfig(Section):
     max_failures: int = Field(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     storage_path: str | None = None  # Ray Train storage (checkpoints); shared storage on multi-node
     keep_checkpoints: int = Field(2, ge=1)
+    channels_last: bool = True  # NHWC tensors: CPU convs and max-pools run ~1.7x faster than NCHW
 
 
 class TrainConfig(JobConfig):
@@ -135,7 +136,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from tasks.common.datasets import load_dataset
     from tasks.common.model_io import save_model
     from tasks.common.registry import get_model
-    from tasks.common.seeding import seed_everything
+    from tasks.common.seeding import hash_seed, seed_everything
+    from tasks.common.model_io import state_digest
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -149,6 +151,8 @@ def train_loop(config: dict[str, Any]) -> None:
     val_x, val_y = data.val_x[: cfg.data.limit_eval], data.val_y[: cfg.data.limit_eval]
     kwargs = {**cfg.model.kwargs, "num_classes": data.num_classes, "in_channels": data.input_shape[0]}
     model = get_model(cfg.model.name, **kwargs)
+    fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
 
     micro = cfg.train.batch_size // world
     steps_per_epoch = len(train_x) // cfg.train.batch_size
@@ -174,7 +178,7 @@ def train_loop(config: dict[str, Any]) -> None:
                   f"(global step {engine.global_steps})", flush=True)
 
     val_shard = EvalShard(len(val_x), rank, world, micro)
-    as_input = lambda x: normalise(x, data.mean, data.std)  # noqa: E731
+    as_input = lambda x: normalise(x, data.mean, data.std).contiguous(memory_format=fmt)  # noqa: E731
 
     def all_sum(*values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64)
@@ -182,6 +186,8 @@ def train_loop(config: dict[str, Any]) -> None:
         return t.tolist()
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        # per-epoch seeds (dropout): a resumed run replays exactly what an uninterrupted one does
+        torch.manual_seed(hash_seed(cfg.seed, epoch, rank))
         engine.train()
         idx = epoch_shard(len(train_x), epoch, cfg.seed, rank, world, micro, steps_per_epoch)
         loss_sum = correct = 0.0
@@ -235,8 +241,11 @@ def train_loop(config: dict[str, Any]) -> None:
     # consolidate: under ZeRO-3 each rank holds a slice of every parameter
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    digests = [None] * world  # every rank must end with the same model: check, don't assume
+    dist.all_gather_object(digests, state_digest(state))
     if rank != 0:
         return
+    log.text(json.dumps({f"rank{r}": d for r, d in enumerate(digests)}, indent=2), "rank_digests.json")
     final = get_model(cfg.model.name, **kwargs)
     final.load_state_dict(state)
     final.eval()
@@ -254,7 +263,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
         size = artifact_bytes(out)
         log.model(out)
-    log.metrics({"test/acc": test_acc, "model/bytes": size,
+    log.metrics({"test/acc": test_acc, "model/bytes": size, "ranks/identical": float(len(set(digests)) == 1),
                  "model/parameters": sum(p.numel() for p in final.parameters())}, step=cfg.train.epochs)
     print(f"[train] test accuracy {test_acc:.4f} on {len(test_y)} images; model {size:,} bytes", flush=True)
 

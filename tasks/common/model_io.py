@@ -7,6 +7,7 @@ was trained on (shape, pixel scale, mean, std) and what the classes are called.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,14 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def artifact_bytes(directory: str | Path) -> int:
     """Bytes on disk of every file of the model: the size we report."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names and exact bytes of a state dict: equal digests mean identical weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -10,3 +10,8 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, epoch, rank), stable across processes."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))

@@ -1,0 +1,52 @@
+# squeezelab: every target installs what it needs. Two commands matter: `make demo`, `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.squeezelab-installed
+MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean
+
+setup: $(STAMP) data
+
+# torch first, pinned to the CPU wheel on this machine's disk: asked for by a dependency instead,
+# pip would fetch a multi-GB CUDA build. Everything else then sees torch 2.13 as satisfied.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install "torch==2.13.0"
+	$(BIN)/pip install -e ".[test]"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist, fetched without root into ~/.cache/squeezelab
+# when it is not installed; a fresh machine may need its package lists first.
+data: $(STAMP)
+	@$(BIN)/python -c "from tasks.common.datasets import fashion_mnist; fashion_mnist()" 2>/dev/null \
+	  || { echo "fetching Debian dataset-fashion-mnist (apt-get update first)"; \
+	       apt-get update -qq >/dev/null 2>&1 || true; \
+	       $(BIN)/python -c "from tasks.common.datasets import fashion_mnist; fashion_mnist()"; }
+
+demo: setup
+	$(BIN)/python -m pipelines.demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
+
+mlflow-server: setup
+	bash mlflow/server.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache

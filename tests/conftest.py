@@ -1,0 +1,100 @@
+"""Shared fixtures. Integration tests share ONE local Ray cluster per session, started the way a user
+starts one (``ray start --head``, token auth on), and a temporary MLflow SQLite store."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """A `ray start --head` cluster plus the environment a job on it needs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.address = f"127.0.0.1:{self.gcs_port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.tracking_uri = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+        self.storage = root / "ray_results"
+        (root / "mlflow").mkdir(parents=True)
+        self.env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
+                    "MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONUNBUFFERED": "1",
+                    "RAY_DEDUP_LOGS": "0"}
+
+    def start(self) -> None:
+        temp = Path("/tmp") / f"sqlray{self.gcs_port}"  # short: unix socket paths are capped at 107 bytes
+        self.temp = temp
+        subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env,
+                       check=True, capture_output=True)
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=2",
+                        f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                        "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+
+    def stop(self) -> None:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+    def job(self, module: str, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``python -m pipelines.<module> ...`` as a user would, against this cluster."""
+        proc = subprocess.run([sys.executable, "-m", f"pipelines.{module}", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"pipelines.{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c.start()
+    old = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")}
+    os.environ.update({"RAY_ADDRESS": c.address, "MLFLOW_TRACKING_URI": c.tracking_uri, "RAY_AUTH_MODE": "token"})
+    try:
+        yield c
+    finally:
+        try:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            c.stop()
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def mlflow_client(cluster):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=cluster.tracking_uri)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

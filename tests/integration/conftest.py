@@ -1,0 +1,26 @@
+import json
+import re
+
+import pytest
+
+CONFIG = "pipelines/configs/squeezenet_fashion.yaml"
+
+
+def train(cluster, name: str, *overrides: str, check: bool = True):
+    """The smoke train job, run as a user would; returns (MLflow run id or None, process)."""
+    proc = cluster.job("train", "--config", CONFIG, "--smoke", f"run_name={name}",
+                       f"scaling.storage_path={cluster.storage}", *overrides, check=check)
+    m = re.search(r"\[train\] done: MLflow run (\w+)", proc.stdout)
+    return (m.group(1) if m else None), proc
+
+
+def digests(client, run_id: str) -> dict[str, str]:
+    path = client.download_artifacts(run_id, "rank_digests.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def zero_runs(cluster):
+    """One smoke run per ZeRO stage, shared by the tests that inspect them."""
+    return {stage: train(cluster, f"zero{stage}", f"scaling.zero_stage={stage}")[0] for stage in (0, 1, 2, 3)}

@@ -1,0 +1,39 @@
+"""`ray job submit` of the smoke config against the `ray start --head` cluster, token auth on."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO
+from tests.integration.conftest import CONFIG
+
+pytestmark = pytest.mark.integration
+
+
+def submit(cluster, runtime_env: dict, *args: str) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "pipelines.train", "--config", CONFIG, "--smoke",
+           f"scaling.storage_path={cluster.storage}", *args]
+    return subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
+
+
+def test_submitted_job_trains_and_logs_to_the_store_named_in_runtime_env(cluster, mlflow_client):
+    proc = submit(cluster, {"env_vars": {"MLFLOW_TRACKING_URI": cluster.tracking_uri}}, "run_name=submitted")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "succeeded" in out
+    exp = mlflow_client.get_experiment_by_name("squeezelab")
+    runs = mlflow_client.search_runs([exp.experiment_id], "attributes.run_name = 'submitted'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert 0.0 < runs[0].data.metrics["test/acc"] <= 1.0
+    assert runs[0].data.tags["git_commit"] == "unknown"  # the job ran in Ray's copy of the working dir
+
+
+def test_submitted_job_without_a_store_fails_fast_with_the_fix(cluster):
+    proc = submit(cluster, {"env_vars": {}}, "run_name=nostore")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "config error: MLFLOW_TRACKING_URI: not set" in out and "--runtime-env-json" in out

@@ -31,7 +31,7 @@ demo: setup
 	$(BIN)/python -m pipelines.demo
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit

@@ -167,6 +167,7 @@ class ServeConfig(JobConfig):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     threads: int = Field(1, ge=1)  # torch threads per replica
     app_name: str = "classifier"
+    access_log: bool = False  # echo one line per request to this terminal
     block: bool = True  # keep serving until Ctrl-C
 
     SMOKE: ClassVar[dict[str, Any]] = {"block": False}
@@ -183,7 +184,9 @@ def deploy(cfg: ServeConfig) -> str:
     app = ImageClassifier.bind(model_uri=cfg.model_uri, tracking_uri=uri, max_images=cfg.max_images,
                                max_batch_size=cfg.max_batch_size,
                                batch_wait_timeout_s=cfg.batch_wait_timeout_s, threads=cfg.threads)
-    serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
+    # per-request access lines go to the replica's log file, not to the driver's terminal
+    serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False,
+              logging_config={"enable_access_log": cfg.access_log, "log_level": "WARNING"})
     return f"http://{cfg.host}:{cfg.port}"
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# Ray reads the auth mode when it is first imported; the test cluster runs with token auth on
+os.environ["RAY_AUTH_MODE"] = "token"
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -35,20 +38,39 @@ class Cluster:
         (root / "mlflow").mkdir(parents=True)
         self.env = {**os.environ, "RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token",
                     "MLFLOW_TRACKING_URI": self.tracking_uri, "PYTHONUNBUFFERED": "1",
-                    "RAY_DEDUP_LOGS": "0"}
+                    "RAY_DEDUP_LOGS": "0",
+                    # a submitted job's `python` must be this venv's, as after `source .venv/bin/activate`
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def start(self) -> None:
         temp = Path("/tmp") / f"sqlray{self.gcs_port}"  # short: unix socket paths are capped at 107 bytes
         self.temp = temp
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=self.env,
                        check=True, capture_output=True)
+        # the cluster's own processes do not know the store: jobs must bring it (runtime_env / driver env)
+        bare = {k: v for k, v in self.env.items() if k != "MLFLOW_TRACKING_URI"}
         subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=2",
                         f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
                         "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
-                       env=self.env, check=True, capture_output=True, timeout=180)
+                       env=bare, check=True, capture_output=True, timeout=180)
 
     def stop(self) -> None:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        # `ray stop` would end every Ray on the machine (a demo running beside the tests, say):
+        # end only the processes of this cluster, which all name its temp dir on their command line
+        import psutil
+
+        mine = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(self.temp) in arg for arg in (p.info["cmdline"] or [])):
+                    mine.append(p)
+            except psutil.Error:
+                pass
+        for p in mine:
+            p.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=30)
+        for p in alive:
+            p.kill()
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def job(self, module: str, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:

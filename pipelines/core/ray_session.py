@@ -19,6 +19,11 @@ def ensure_ray(tracking_uri: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    from pipelines.core.tracking import in_submitted_job
+
+    if in_submitted_job():  # the job's runtime env already reaches every worker; Ray refuses a second
+        ray.init(log_to_driver=True, logging_level="WARNING")
+        return
     env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri

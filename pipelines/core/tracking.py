@@ -97,6 +97,9 @@ def job_run(cfg: JobConfig, job: str, experiment: str, run_name: str,
     tags with versions. ``resume_run_id`` reopens the run of an interrupted job."""
     mlflow = _mlflow()
     setup(experiment)
+    if resume_run_id and not _run_exists(resume_run_id):
+        print(f"[tracking] run {resume_run_id} is not in {tracking_uri()}; logging to a new run", flush=True)
+        resume_run_id = None
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
     else:
@@ -111,6 +114,15 @@ def job_run(cfg: JobConfig, job: str, experiment: str, run_name: str,
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
+
+
+def _run_exists(run_id: str) -> bool:
+    mlflow = _mlflow()
+    try:
+        mlflow.tracking.MlflowClient().get_run(run_id)
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 class RunLogger:

@@ -1,7 +1,7 @@
 """Training throughput: the Ray Train + DeepSpeed job vs a plain single-process PyTorch loop.
 
     python benchmarks/train_throughput.py                       # what `make bench` runs
-    python benchmarks/train_throughput.py --images 6400 --zero-stage 0
+    python benchmarks/train_throughput.py --zero-stage 2 scaling.channels_last=false   # NCHW, ZeRO-2
 
 Same model (the train config's SqueezeNet v1.1), same data (the first N Fashion-MNIST training
 images, normalised from uint8 per batch), same global batch and optimizer. The job runs as
@@ -84,16 +84,18 @@ def main() -> None:
     ap.add_argument("--config", default="pipelines/configs/squeezenet_fashion.yaml")
     ap.add_argument("--images", type=int, default=12_800, help="training images per epoch (100 steps of 128)")
     ap.add_argument("--epochs", type=int, default=3, help="the first is warm-up, the rest are averaged")
-    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=None, help="default: the config's")
     ap.add_argument("--plain-threads", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", metavar="dotted.key=value",
+                    help="train-config overrides applied to both sides, e.g. scaling.channels_last=true")
     args = ap.parse_args()
 
     store = tempfile.mkdtemp(prefix="squeezelab-bench-")
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{store}/mlflow.db")
     cfg = load_config(TrainConfig, args.config, [
         f"data.limit_train={args.images}", "data.limit_eval=512", f"train.epochs={args.epochs}",
-        f"scaling.zero_stage={args.zero_stage}", f"scaling.storage_path={store}/ray", "register_as=null",
-        "experiment=benchmarks",
+        f"scaling.storage_path={store}/ray", "register_as=null", "experiment=benchmarks",
+        *([f"scaling.zero_stage={args.zero_stage}"] if args.zero_stage is not None else []), *args.overrides,
     ])
     workers, threads = cfg.scaling.num_workers, cfg.scaling.threads_per_worker
     print(f"model {cfg.model.name} {cfg.model.kwargs}, {args.images} images x {args.epochs} epochs, "
@@ -101,7 +103,7 @@ def main() -> None:
     plain = plain_samples_per_s(cfg, args.images, args.plain_threads, args.epochs)
     print(f"plain PyTorch, 1 process x {args.plain_threads} threads: {plain:.0f} samples/s", flush=True)
     job, wall = job_samples_per_s(cfg)
-    print(f"Ray Train + DeepSpeed ZeRO-{args.zero_stage}, {workers} workers x {threads} thread: "
+    print(f"Ray Train + DeepSpeed ZeRO-{cfg.scaling.zero_stage}, {workers} workers x {threads} thread: "
           f"{job:.0f} samples/s (job wall time {wall:.0f} s incl. start-up)", flush=True)
     print(f"ratio job / plain: {job / plain:.2f}x")
 

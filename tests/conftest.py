@@ -59,15 +59,22 @@ class Cluster:
         # end only the processes of this cluster, which all name its temp dir on their command line
         import psutil
 
-        mine = []
+        marks = (str(self.temp), f":{self.gcs_port}")
+        mine: dict[int, psutil.Process] = {}
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(str(self.temp) in arg for arg in (p.info["cmdline"] or [])):
-                    mine.append(p)
+                if any(m in arg for arg in (p.info["cmdline"] or []) for m in marks):
+                    mine[p.pid] = p
+                    # agents rename themselves (ray::DashboardAgent): take the whole tree
+                    mine.update({c.pid: c for c in p.children(recursive=True)})
             except psutil.Error:
                 pass
+        mine = list(mine.values())
         for p in mine:
-            p.terminate()
+            try:
+                p.terminate()
+            except psutil.Error:
+                pass
         _, alive = psutil.wait_procs(mine, timeout=30)
         for p in alive:
             p.kill()

@@ -23,12 +23,13 @@ def test_shipped_config_and_smoke():
     ("scaling.zero_stage=4", "scaling.zero_stage:"),
     ("train.batch_size=63", "train.batch_size=63 must be a multiple of scaling.num_workers=2"),
     ("model.kwargs.num_classes=5", "model.kwargs.num_classes comes from the dataset"),
+    ("scaling.channels_last=true", "scaling.channels_last needs scaling.zero_stage=0"),
     ("train.epochs.x=1", "train.epochs: Input should be a valid integer"),
     ("novalue", "novalue: an override must look like dotted.key=value"),
 ])
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(TrainConfig, None, [override])
+        load_config(TrainConfig, None, ["scaling.zero_stage=2", override])
     assert key in str(err.value)
     assert "\n" not in str(err.value)
 

@@ -42,12 +42,11 @@ def percentile_ms(samples: list[float], q: float) -> float:
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
     import requests
-    import torch
     from ray import serve
 
     from pipelines import serve as serving
     from pipelines import train
-    from tasks.common.batches import normalise
+    from tasks.common.batches import predict_labels
     from tasks.common.datasets import load_dataset
     from tasks.common.model_io import artifact_bytes
 
@@ -60,10 +59,7 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     model, spec, local = tracking.load_logged_model(f"runs:/{run_id}")
     data = load_dataset(train_cfg.data.name, seed=train_cfg.seed, val_fraction=train_cfg.data.val_fraction)
     test_x, test_y = data.test_x[: cfg.eval_limit], data.test_y[: cfg.eval_limit]
-    inp = spec["input"]
-    with torch.no_grad():
-        offline = np.concatenate([model(normalise(test_x[i:i + 500], inp["mean"], inp["std"])).argmax(1).numpy()
-                                  for i in range(0, len(test_x), 500)])
+    offline = predict_labels(model, test_x, spec["input"]["mean"], spec["input"]["std"])
     offline_acc = float((offline == test_y).mean())
     size = artifact_bytes(local)
 

@@ -89,7 +89,7 @@ api = FastAPI(title="squeezelab classifier", description="Image classification f
 @serve.ingress(api)
 class ImageClassifier:
     def __init__(self, model_uri: str, tracking_uri: str | None = None, max_images: int = 64,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005, threads: int = 1):
+                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.002, threads: int = 1):
         import torch
 
         from pipelines.core.tracking import load_logged_model
@@ -99,6 +99,8 @@ class ImageClassifier:
             os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         torch.set_num_threads(threads)
         self.model, self.spec, local = load_logged_model(model_uri)
+        # NHWC: a 1-image SqueezeNet forward takes ~3.7 ms instead of ~5.5 ms on one CPU thread
+        self.model = self.model.to(memory_format=torch.channels_last)
         self.input = self.spec["input"]
         self.shape = tuple(self.input["shape"])
         self.classes = self.input["classes"]
@@ -109,13 +111,14 @@ class ImageClassifier:
         self._predict_batch.set_max_batch_size(max_batch_size)
         self._predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _predict_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         import torch
 
         from tasks.common.batches import normalise
 
         x = normalise(np.stack(images), self.input["mean"], self.input["std"], self.input["pixel_max"])
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             probs = torch.softmax(self.model(x), dim=1).numpy()
         return list(probs)
@@ -164,7 +167,7 @@ class ServeConfig(JobConfig):
     port: int = Field(8000, ge=1, le=65535)
     max_images: int = Field(64, ge=1)  # per request
     max_batch_size: int = Field(32, ge=1)  # @serve.batch across requests
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    batch_wait_timeout_s: float = Field(0.002, ge=0)  # added latency of a lone request
     threads: int = Field(1, ge=1)  # torch threads per replica
     app_name: str = "classifier"
     access_log: bool = False  # echo one line per request to this terminal

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -129,9 +128,59 @@ def _lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
+def _optimizer(cfg: OptimConfig, model):
+    import torch
+
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _save_checkpoint(engine, epoch: int, metrics: dict[str, float]) -> None:
+    """Every rank writes its DeepSpeed shard and reports (a barrier); Ray merges them per epoch."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ds", client_state={"epoch": epoch})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch={epoch + 1:04d}")
+
+
+def _load_checkpoint(engine) -> int:
+    """Restore the latest reported checkpoint, if any; returns the first epoch still to run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0
+    with checkpoint.as_directory() as d:
+        _, client = engine.load_checkpoint(d, tag="ds")
+    return client["epoch"] + 1
+
+
+def _all_sum(*values: float) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _average_buffers(module, world: int) -> None:
+    """BatchNorm statistics differ per shard: average them so every rank holds the same model."""
+    import torch.distributed as dist
+
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= world
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker = one DeepSpeed rank."""
     import deepspeed
-    import numpy as np
     import ray.train
     import torch
     import torch.distributed as dist
@@ -139,10 +188,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from tasks.common.batches import EvalShard, epoch_shard, normalise
     from tasks.common.datasets import load_dataset
-    from tasks.common.model_io import save_model
     from tasks.common.registry import get_model
     from tasks.common.seeding import hash_seed, seed_everything
-    from tasks.common.model_io import state_digest
 
     cfg = TrainConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -155,51 +202,36 @@ def train_loop(config: dict[str, Any]) -> None:
     train_x, train_y = data.train_x[: cfg.data.limit_train], data.train_y[: cfg.data.limit_train]
     val_x, val_y = data.val_x[: cfg.data.limit_eval], data.val_y[: cfg.data.limit_eval]
     kwargs = {**cfg.model.kwargs, "num_classes": data.num_classes, "in_channels": data.input_shape[0]}
-    model = get_model(cfg.model.name, **kwargs)
     fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
+    as_input = lambda x: normalise(x, data.mean, data.std).contiguous(memory_format=fmt)  # noqa: E731
 
     micro = cfg.train.batch_size // world
-    steps_per_epoch = len(train_x) // cfg.train.batch_size
-    if steps_per_epoch == 0:
+    steps = len(train_x) // cfg.train.batch_size
+    if steps == 0:
         raise ValueError(f"{len(train_x)} training images make no full batch of {cfg.train.batch_size}")
-    if cfg.train.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                              nesterov=cfg.train.momentum > 0, weight_decay=cfg.train.weight_decay)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train, cfg.train.epochs * steps_per_epoch))
+    model = get_model(cfg.model.name, **kwargs)
+    opt = _optimizer(cfg.train, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train, cfg.train.epochs * steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=_ds_config(cfg, world))
     # after initialize: DeepSpeed's CPU broadcast of the initial weights needs NCHW tensors. Under
     # ZeRO-0 the optimizer holds the Parameter objects themselves, so re-laying their data is safe.
     engine.module.to(memory_format=fmt)
 
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag="ds")
-        start_epoch = client["epoch"] + 1
-        if rank == 0:
-            print(f"[train] resumed from epoch {client['epoch'] + 1} checkpoint "
-                  f"(global step {engine.global_steps})", flush=True)
+    start_epoch = _load_checkpoint(engine)
+    if start_epoch and log:
+        print(f"[train] resumed from epoch {start_epoch} checkpoint (global step {engine.global_steps})",
+              flush=True)
 
     val_shard = EvalShard(len(val_x), rank, world, micro)
-    as_input = lambda x: normalise(x, data.mean, data.std).contiguous(memory_format=fmt)  # noqa: E731
-
-    def all_sum(*values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
     for epoch in range(start_epoch, cfg.train.epochs):
         # per-epoch seeds (dropout): a resumed run replays exactly what an uninterrupted one does
         torch.manual_seed(hash_seed(cfg.seed, epoch, rank))
         engine.train()
-        idx = epoch_shard(len(train_x), epoch, cfg.seed, rank, world, micro, steps_per_epoch)
+        idx = epoch_shard(len(train_x), epoch, cfg.seed, rank, world, micro, steps)
         loss_sum = correct = 0.0
         t0 = time.perf_counter()
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             b = idx[step * micro:(step + 1) * micro]
             x, y = as_input(train_x[b]), torch.from_numpy(train_y[b])
             logits = engine(x)
@@ -209,25 +241,20 @@ def train_loop(config: dict[str, Any]) -> None:
             loss_sum += loss.item() * len(b)
             correct += (logits.argmax(1) == y).sum().item()
         seconds = time.perf_counter() - t0
-        # BatchNorm statistics differ per shard: average them so every rank holds the same model
-        for buf in engine.module.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf /= world
+        _average_buffers(engine.module, world)
+
         engine.eval()
         v_loss = v_correct = 0.0
         with torch.no_grad():
             for b, weight in val_shard.batches():  # the same number of forwards on every rank (ZeRO-3)
-                logits = engine(as_input(val_x[b]))
-                y = torch.from_numpy(val_y[b])
-                w = torch.from_numpy(weight)
+                logits, y, w = engine(as_input(val_x[b])), torch.from_numpy(val_y[b]), torch.from_numpy(weight)
                 v_loss += (F.cross_entropy(logits, y, reduction="none") * w).sum().item()
                 v_correct += ((logits.argmax(1) == y).float() * w).sum().item()
-        n_train = steps_per_epoch * cfg.train.batch_size
-        tl, tc, vl, vc, slowest = all_sum(loss_sum, correct, v_loss, v_correct, seconds)
+        n_train = steps * cfg.train.batch_size
+        tl, tc, vl, vc, total_s = _all_sum(loss_sum, correct, v_loss, v_correct, seconds)
         metrics = {"epoch": epoch + 1, "train/loss": tl / n_train, "train/acc": tc / n_train,
                    "val/loss": vl / len(val_x), "val/acc": vc / len(val_x),
-                   "train/samples_per_s": n_train / (slowest / world),  # mean worker epoch time
+                   "train/samples_per_s": n_train / (total_s / world),  # over the mean worker epoch time
                    "lr": engine.get_lr()[0], "global_step": engine.global_steps}
         if log:
             log.metrics(metrics, step=epoch + 1)
@@ -235,12 +262,9 @@ def train_loop(config: dict[str, Any]) -> None:
                   f"acc {metrics['train/acc']:.4f}  val_loss {metrics['val/loss']:.4f}  "
                   f"val_acc {metrics['val/acc']:.4f}  {metrics['train/samples_per_s']:.0f} samples/s",
                   flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="ds", client_state={"epoch": epoch})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch={epoch + 1:04d}")
+        _save_checkpoint(engine, epoch, metrics)
         if cfg.train.stop_after_epochs and epoch + 1 >= cfg.train.stop_after_epochs:
-            if rank == 0:
+            if log:
                 print(f"[train] stopping after epoch {epoch + 1} as configured; re-run with "
                       f"run_name={config['run_name']} to resume", flush=True)
             return
@@ -248,26 +272,31 @@ def train_loop(config: dict[str, Any]) -> None:
     # consolidate: under ZeRO-3 each rank holds a slice of every parameter
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
         state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    from tasks.common.model_io import state_digest
+
     digests = [None] * world  # every rank must end with the same model: check, don't assume
     dist.all_gather_object(digests, state_digest(state))
-    if rank != 0:
-        return
+    if log:
+        _publish(cfg, data, kwargs, state, digests, log)
+
+
+def _publish(cfg: TrainConfig, data, kwargs: dict[str, Any], state, digests: list[str], log) -> None:
+    """Rank 0: rebuild the plain model, score the test split, log it as safetensors + model.json."""
+    from tasks.common.batches import predict_labels
+    from tasks.common.model_io import artifact_bytes, save_model
+    from tasks.common.registry import get_model
+
     log.text(json.dumps({f"rank{r}": d for r, d in enumerate(digests)}, indent=2), "rank_digests.json")
     final = get_model(cfg.model.name, **kwargs)
     final.load_state_dict(state)
     final.eval()
     test_x, test_y = data.test_x[: cfg.data.limit_eval], data.test_y[: cfg.data.limit_eval]
-    with torch.no_grad():
-        pred = np.concatenate([final(as_input(test_x[i:i + 500])).argmax(1).numpy()
-                               for i in range(0, len(test_x), 500)])
-    test_acc = float((pred == test_y).mean())
+    test_acc = float((predict_labels(final, test_x, data.mean, data.std) == test_y).mean())
     with tempfile.TemporaryDirectory() as tmp:
         out = save_model(final, Path(tmp) / "model", cfg.model.name, kwargs, input={
             "shape": list(data.input_shape), "pixel_max": 255, "mean": data.mean, "std": data.std,
             "classes": list(data.classes), "dataset": cfg.data.name, "synthetic": data.synthetic,
         }, test_acc=test_acc)
-        from tasks.common.model_io import artifact_bytes
-
         size = artifact_bytes(out)
         log.model(out)
     log.metrics({"test/acc": test_acc, "model/bytes": size, "ranks/identical": float(len(set(digests)) == 1),

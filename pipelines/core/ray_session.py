@@ -32,8 +32,8 @@ def ensure_ray(tracking_uri: str | None = None) -> None:
     env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    ray.init(runtime_env={"env_vars": env}, log_to_driver=True, include_dashboard=False,
-             configure_logging=True, logging_level="WARNING")
+    # the dashboard stays on (127.0.0.1): Ray Train's clean-up actor polls the state API it serves
+    ray.init(runtime_env={"env_vars": env}, log_to_driver=True, logging_level="WARNING")
 
 
 def require_cpus(needed: float, what: str) -> None:

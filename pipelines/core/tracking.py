@@ -135,8 +135,9 @@ class RunLogger:
         self.run_id = run_id
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
@@ -175,6 +176,7 @@ def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     """Fetch a logged model directory to local disk and return its path."""
     mlflow = _mlflow()
     mlflow.set_tracking_uri(tracking_uri())
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per 2-file model is noise
     dst = Path(dst or tempfile.mkdtemp(prefix="squeezelab-model-"))
     local = mlflow.artifacts.download_artifacts(artifact_uri=resolve_model_uri(model_uri), dst_path=str(dst))
     return Path(local)

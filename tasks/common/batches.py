@@ -46,3 +46,11 @@ def normalise(images: np.ndarray, mean: float, std: float, pixel_max: float = 25
     """uint8 (or 0..pixel_max float) pixels -> the float tensor the model trains on."""
     x = torch.from_numpy(np.array(images, dtype=np.float32))  # a copy: sources may be read-only
     return (x / pixel_max - mean) / std
+
+
+def predict_labels(model: torch.nn.Module, images: np.ndarray, mean: float, std: float,
+                   batch: int = 500) -> np.ndarray:
+    """Arg-max labels of ``model`` (in eval mode) over uint8 images, in batches."""
+    with torch.no_grad():
+        return np.concatenate([model(normalise(images[i:i + batch], mean, std)).argmax(1).numpy()
+                               for i in range(0, len(images), batch)])

@@ -1,8 +1,6 @@
 """`ray job submit` of the smoke config against the `ray start --head` cluster, token auth on."""
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,9 +1,11 @@
 """The Ray Serve endpoint on the shared cluster: real HTTP, a model loaded from MLflow by alias."""
 import json
 import socket
+
 import numpy as np
 import pytest
 import requests
+
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from tasks.common.batches import EvalShard, epoch_shard, normalise
-from tasks.common.datasets import DatasetUnavailable, debian_data_path, load_dataset, stratified_split
+from tasks.common.datasets import (
+    DatasetUnavailable,
+    debian_data_path,
+    load_dataset,
+    stratified_split,
+)
 
 
 @pytest.mark.parametrize("name,shape,n_total", [("mnist5k", (1, 28, 28), 5000), ("digits", (1, 8, 8), 1797)])

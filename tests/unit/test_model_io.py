@@ -3,7 +3,13 @@ import json
 import pytest
 import torch
 
-from tasks.common.model_io import artifact_bytes, load_model, read_spec, save_model, state_digest
+from tasks.common.model_io import (
+    artifact_bytes,
+    load_model,
+    read_spec,
+    save_model,
+    state_digest,
+)
 from tasks.squeezenet import squeezenet1_1
 
 

@@ -62,6 +62,9 @@ class ScalingConfig(Section):
     max_failures: int = Field(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
     storage_path: str | None = None  # Ray Train storage (checkpoints); shared storage on multi-node
     keep_checkpoints: int = Field(2, ge=1)
+    # fault drill: the last rank raises once right after this epoch's checkpoint, so that
+    # FailureConfig restarts the worker group from it (tests and cluster checks use it)
+    inject_failure_after_epoch: int | None = Field(None, ge=1)
     # NHWC activations and weights: CPU convs, BN and max-pools run ~1.6x faster. Only with ZeRO-0:
     # ZeRO 1-3 keep parameters as views of flat NCHW buffers.
     channels_last: bool = False
@@ -263,6 +266,12 @@ def train_loop(config: dict[str, Any]) -> None:
                   f"val_acc {metrics['val/acc']:.4f}  {metrics['train/samples_per_s']:.0f} samples/s",
                   flush=True)
         _save_checkpoint(engine, epoch, metrics)
+        if cfg.scaling.inject_failure_after_epoch == epoch + 1 and rank == world - 1:
+            marker = Path(config["state_dir"]) / f"failure_injected_after_epoch_{epoch + 1}"
+            if not marker.exists():  # once: the restarted group must get past this point
+                marker.touch()
+                raise RuntimeError(f"injected failure after epoch {epoch + 1} "
+                                   "(scaling.inject_failure_after_epoch)")
         if cfg.train.stop_after_epochs and epoch + 1 >= cfg.train.stop_after_epochs:
             if log:
                 print(f"[train] stopping after epoch {epoch + 1} as configured; re-run with "
@@ -349,7 +358,7 @@ def main(cfg: TrainConfig) -> str:
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri,
-                               "run_id": run_id, "run_name": name},
+                               "run_id": run_id, "run_name": name, "state_dir": str(state.parent)},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
                                                    resources_per_worker={"CPU": threads}),
             run_config=ray.train.RunConfig(

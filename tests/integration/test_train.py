@@ -57,6 +57,15 @@ def test_stop_after_epoch_one_then_resume_continues_at_epoch_two(cluster, zero_r
     assert digests(mlflow_client, first_id)["rank0"] == digests(mlflow_client, zero_runs[0])["rank0"]
 
 
+def test_a_worker_failure_restarts_the_group_from_the_last_checkpoint(cluster, zero_runs, mlflow_client):
+    run_id, proc = train(cluster, "failover", "scaling.inject_failure_after_epoch=1")
+    assert "injected failure after epoch 1" in proc.stdout + proc.stderr
+    assert "resumed from epoch 1 checkpoint (global step 8)" in proc.stdout
+    assert mlflow_client.get_run(run_id).data.metrics["ranks/identical"] == 1.0
+    # the restarted group finishes exactly where an uninterrupted run of the same config does
+    assert digests(mlflow_client, run_id)["rank0"] == digests(mlflow_client, zero_runs[0])["rank0"]
+
+
 def _runs(client):
     exp = client.get_experiment_by_name("squeezelab")
     return client.search_runs([exp.experiment_id]) if exp else []

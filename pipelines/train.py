@@ -82,6 +82,7 @@ class TrainConfig(JobConfig):
 
     SMOKE: ClassVar[dict[str, Any]] = {
         "data.limit_train": 512, "data.limit_eval": 256, "train.epochs": 2, "train.batch_size": 64,
+        "register_as": None,  # a smoke model must never take over the registry alias
     }
 
     @model_validator(mode="after")

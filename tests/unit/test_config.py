@@ -12,9 +12,10 @@ def test_defaults_validate_and_overrides_are_typed():
 
 def test_shipped_config_and_smoke():
     cfg = load_config(TrainConfig, "pipelines/configs/squeezenet_fashion.yaml", smoke=True)
-    assert cfg.data.limit_train == 512 and cfg.train.epochs == 2
+    assert cfg.data.limit_train == 512 and cfg.train.epochs == 2 and cfg.register_as is None
     full = load_config(TrainConfig, "pipelines/configs/squeezenet_fashion.yaml")
     assert full.data.limit_train is None and full.scaling.num_workers == 2
+    assert full.register_as == "squeezenet-fashion"
 
 
 @pytest.mark.parametrize("override,key", [

@@ -11,7 +11,6 @@ are addressed as ``runs:/<run_id>`` or ``models:/<registered name>@<alias>``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import tempfile
@@ -148,9 +147,6 @@ class RunLogger:
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def figure(self, fig, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, fig, artifact_file)
-
 
 def resolve_model_uri(model_uri: str) -> str:
     """``runs:/<id>`` | ``runs:/<id>/model`` | ``models:/<name>@<alias>`` | ``models:/<name>/<version>``
@@ -204,6 +200,3 @@ def register(run_id: str, name: str, alias: str | None = None) -> str:
         client.set_registered_model_alias(name, alias, version.version)
     return version.version
 
-
-def run_summary_json(values: dict[str, Any]) -> str:
-    return json.dumps(values, indent=2, sort_keys=True, default=str)

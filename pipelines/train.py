@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
-from pipelines.core.config import JobConfig, Section, run_cli
+from pipelines.core.config import JobConfig, Section, require_registered, run_cli
 
 
 class DataConfig(Section):
@@ -330,16 +330,8 @@ def main(cfg: TrainConfig) -> str:
     from pipelines.core.ray_session import ensure_ray, require_cpus
 
     uri = tracking.tracking_uri()  # fails early (exit 2) when a submitted job has no store
-    from tasks.common.registry import names
-
-    if cfg.model.name not in names("model"):
-        from pipelines.core.config import ConfigError
-
-        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; registered: {', '.join(names('model'))}")
-    if cfg.data.name not in names("dataset"):
-        from pipelines.core.config import ConfigError
-
-        raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; registered: {', '.join(names('dataset'))}")
+    require_registered("model", cfg.model.name, "model.name")
+    require_registered("dataset", cfg.data.name, "data.name")
     ensure_ray(uri)
     require_cpus(cfg.scaling.num_workers * cfg.scaling.threads_per_worker, "scaling.num_workers")
 

@@ -104,6 +104,15 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def require_registered(kind: str, name: str, key: str) -> None:
+    """A registry name from a config must exist: say which key is wrong and what is registered."""
+    from tasks.common.registry import names
+
+    known = names(kind)
+    if name not in known:
+        raise ConfigError(f"{key}: unknown {kind} {name!r}; registered: {', '.join(known)}")
+
+
 def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = None,
             description: str | None = None) -> Any:
     """The one CLI of every job: ``--config FILE [--smoke] [dotted.key=value ...]``; exit 2 on a bad config."""

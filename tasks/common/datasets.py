@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +154,8 @@ class ImageSplits:
     source: str
     synthetic: bool = False
     # normalisation fitted on the training split, applied as (x / 255 - mean) / std
-    mean: float = field(default=0.0)
-    std: float = field(default=1.0)
+    mean: float = 0.0
+    std: float = 1.0
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

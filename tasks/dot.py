@@ -24,10 +24,11 @@ own partition only: DOT's two momentum buffers are partitioned exactly like Adam
 Because each engine step also steps the LR schedule, schedules count two steps per batch.
 
 Departs from the official code:
-- every parameter is treated as receiving both gradients (a missing gradient counts as zero). The
-  official code gives a parameter that receives only one of them (feature-KD connectors) momentum
-  (mu_task + mu_kd) / 2; with logit KD every student parameter receives both, and under ZeRO the
-  optimizer sees flat partitions where "no gradient" is indistinguishable from a zero one;
+- a parameter without one of the two gradients simply skips that buffer's update. The official code
+  gives a parameter that receives only one of them (feature-KD connectors) momentum
+  (mu_task + mu_kd) / 2; with logit KD every student parameter receives both, and inside DeepSpeed
+  every parameter always does (it hands zeros for a missing gradient, and under ZeRO the optimizer
+  sees flat partitions where "no gradient" is indistinguishable from a zero one);
 - the distillation gradient is cloned when stored, so clearing gradients between the two backward
   passes cannot corrupt it (the official code relies on ``zero_grad(set_to_none=True)``).
 """
@@ -39,7 +40,9 @@ import torch
 
 
 class DOT(torch.optim.Optimizer):
-    """SGD with separate task / distillation momentum; call ``step`` twice per batch (distill, task)."""
+    """SGD with separate task / distillation momentum. Each batch: set ``phase = "distill"`` and step with
+    the distillation gradient, then ``phase = "task"`` and step with the task gradient
+    (:func:`two_phase_step` does both)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, delta: float = 0.075,
                  weight_decay: float = 0.0):
@@ -48,24 +51,28 @@ class DOT(torch.optim.Optimizer):
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={lr}, weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, momentum=momentum, delta=delta, weight_decay=weight_decay))
-        self.phase = "distill"  # which gradient the next step() receives
+        # Which gradient the next step() receives. Set by the caller, never toggled here: ZeRO calls
+        # step() once per parameter (sub-)group, and skips it when a gradient is not finite, so a
+        # self-toggling flag could swap the two momenta for the rest of a run without a sound.
+        self.phase = "distill"
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
         if closure is not None:
             raise ValueError("DOT takes no closure: it needs the two gradients from separate backward passes")
-        if self.phase == "distill":
+        if self.phase not in ("distill", "task"):
+            raise ValueError(f"DOT.phase must be 'distill' or 'task', got {self.phase!r}")
+        if self.phase == "distill":  # store this batch's distillation gradient; the update comes next
             for group in self.param_groups:
                 for p in group["params"]:
                     self.state[p]["g_kd"] = p.grad.detach().clone() if p.grad is not None else None
-            self.phase = "task"
             return None
         for group in self.param_groups:
             mu_task = group["momentum"] - group["delta"]  # mu - Delta
             mu_kd = group["momentum"] + group["delta"]  # mu + Delta
             for p in group["params"]:
                 state = self.state[p]
-                g_kd = state.pop("g_kd", None)
+                g_kd = state.pop("g_kd", None)  # None: the distillation step of this batch was skipped
                 if p.grad is not None:
                     d = p.grad.add(p, alpha=group["weight_decay"])
                     _momentum(state, "v_task", mu_task, d)
@@ -73,17 +80,7 @@ class DOT(torch.optim.Optimizer):
                 if g_kd is not None:
                     _momentum(state, "v_kd", mu_kd, g_kd)
                     p.sub_(state["v_kd"], alpha=group["lr"])
-        self.phase = "distill"
         return None
-
-    # the phase is part of the state: a checkpoint taken mid-batch must resume in the same phase
-    def state_dict(self):
-        return {**super().state_dict(), "phase": self.phase}
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.phase = state_dict.pop("phase", "distill")
-        super().load_state_dict(state_dict)
 
 
 def _momentum(state: dict, key: str, mu: float, grad: torch.Tensor) -> None:
@@ -94,12 +91,15 @@ def _momentum(state: dict, key: str, mu: float, grad: torch.Tensor) -> None:
         state[key].mul_(mu).add_(grad)
 
 
-def two_phase_step(backward: Callable[..., None], step: Callable[[], None],
+def two_phase_step(optimizer: DOT, backward: Callable[..., None], step: Callable[[], None],
                    distill_loss: torch.Tensor, task_loss: torch.Tensor) -> None:
     """One DOT update: back-propagate the distillation loss (keeping the graph) and hand its gradient to
     the optimizer, then the task loss. ``backward(loss, retain_graph=...)`` and ``step()`` are a
-    DeepSpeed engine's (which clears gradients after each step) or a plain loop's equivalents."""
+    DeepSpeed engine's (which clears gradients after each step) or a plain loop's equivalents;
+    ``optimizer`` is the DOT instance underneath (DeepSpeed's ZeRO wrappers call it)."""
+    optimizer.phase = "distill"
     backward(distill_loss, retain_graph=True)
     step()
+    optimizer.phase = "task"
     backward(task_loss)
     step()

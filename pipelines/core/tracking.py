@@ -173,6 +173,17 @@ def resolve_model_uri(model_uri: str) -> str:
     raise ValueError(f"model URI {model_uri!r}: expected runs:/<run_id> or models:/<name>@<alias>")
 
 
+def pin_model_uri(model_uri: str) -> str:
+    """``models:/<name>@<alias>`` -> ``models:/<name>/<version>`` it points at now; other URIs unchanged."""
+    if not (model_uri.startswith("models:/") and "@" in model_uri):
+        return model_uri
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    name, alias = model_uri.removeprefix("models:/").split("@", 1)
+    version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias)
+    return f"models:/{name}/{version.version}"
+
+
 def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     """Fetch a logged model directory to local disk and return its path."""
     mlflow = _mlflow()

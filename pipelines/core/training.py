@@ -80,6 +80,9 @@ def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dic
                          "NCHW buffers that NHWC parameters would no longer alias)")
     if train.optimizer == "dot" and train.nesterov:
         raise ValueError("train.nesterov: DOT uses plain momentum; set train.nesterov=false")
+    if train.optimizer == "dot" and not (0 <= train.momentum - train.dot_delta and train.momentum + train.dot_delta < 1):
+        raise ValueError(f"train.dot_delta: momentum +- delta must lie in [0, 1), got {train.momentum} +- "
+                         f"{train.dot_delta}")
     for key in DATA_KWARGS:
         if key in model_kwargs:
             raise ValueError(f"{model_key}.kwargs.{key} comes from the dataset; remove it")
@@ -406,3 +409,42 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], scaling
         ),
     )
     return trainer.fit()
+
+
+def run_job(cfg, job: str, train_loop: Callable[[dict], None], tags: dict[str, str], summary: str,
+            parent_run_id: str | None = None) -> str:
+    """The driver of a DeepSpeed job: name the run, reopen its MLflow run when resuming, fit on Ray
+    Train, register the model if asked; returns the MLflow run id. ``cfg`` has ``run_name``,
+    ``experiment``, ``data``, ``scaling`` and ``register_as``."""
+    import json
+
+    from pipelines.core import tracking
+
+    name = cfg.run_name or time.strftime(f"{job}-%Y%m%d-%H%M%S")
+    state = state_file(default_storage(cfg.scaling), name)
+    resume_id = json.loads(state.read_text())["mlflow_run_id"] if state.exists() else None
+    with tracking.job_run(cfg, job, cfg.experiment, name, resume_run_id=resume_id, parent_run_id=parent_run_id,
+                          tags={"zero_stage": str(cfg.scaling.zero_stage), "dataset": cfg.data.name, **tags}) as run:
+        run_id = run.info.run_id
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"mlflow_run_id": run_id}))
+        print(f"[{job}] run {name}  MLflow run {run_id}  {summary}({cfg.scaling.num_workers} workers, "
+              f"ZeRO-{cfg.scaling.zero_stage})", flush=True)
+        result = fit(train_loop, {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracking.tracking_uri(),
+                                  "run_id": run_id, "run_name": name, "state_dir": str(state.parent)},
+                     cfg.scaling, name)
+        if result.checkpoint:
+            import mlflow
+
+            mlflow.set_tag("checkpoint", result.checkpoint.path)
+        if cfg.register_as and _published(run_id):
+            tracking.register(run_id, cfg.register_as, alias="current")
+    print(f"[{job}] done: MLflow run {run_id}", flush=True)
+    return run_id
+
+
+def _published(run_id: str) -> bool:
+    """Did the run log its final model? (not when it stopped early on purpose: train.stop_after_epochs)"""
+    import mlflow
+
+    return "test/acc" in mlflow.MlflowClient().get_run(run_id).data.metrics

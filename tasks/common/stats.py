@@ -15,7 +15,7 @@ class Paired:
     n: int
     mean_diff: float  # mean of (method - baseline) over seeds
     std_diff: float  # sample standard deviation of the differences (ddof = 1)
-    p_value: float  # two-sided paired t-test; nan with fewer than 2 seeds or identical pairs
+    p_value: float  # two-sided paired t-test; nan with fewer than 2 seeds or a constant difference
     wins: int  # seeds where method > baseline (higher; better only for a higher-is-better metric)
     losses: int  # seeds where method < baseline
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill bench-distill
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -47,6 +47,11 @@ test-integration: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+# teacher vs distilled student through Ray Serve (needs `make teachers` and a distilled student:
+# python -m pipelines.distill --config pipelines/configs/distill_fashion.yaml)
+bench-distill: setup
+	$(BIN)/python benchmarks/serve_latency.py
 
 # the teachers the distillation claims start from, registered in MLflow as
 # squeezenet-fashion@current (also registered by `make demo`) and mlp-fashion@current

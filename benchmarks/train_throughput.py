@@ -26,7 +26,7 @@ def plain_samples_per_s(cfg, images: int, threads: int, epochs: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from pipelines.train import _lr_lambda
+    from pipelines.core.training import build_optimizer
     from tasks.common.batches import epoch_shard, normalise
     from tasks.common.datasets import load_dataset
     from tasks.common.registry import get_model
@@ -39,11 +39,9 @@ def plain_samples_per_s(cfg, images: int, threads: int, epochs: int) -> float:
     kwargs = {**cfg.model.kwargs, "num_classes": data.num_classes, "in_channels": data.input_shape[0]}
     fmt = torch.channels_last if cfg.scaling.channels_last else torch.contiguous_format
     model = get_model(cfg.model.name, **kwargs).to(memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, nesterov=True,
-                          weight_decay=cfg.train.weight_decay)
     batch = cfg.train.batch_size
     steps = images // batch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train, epochs * steps))
+    opt, sched = build_optimizer(cfg.train, model.parameters(), epochs * steps)  # the job's optimizer + schedule
     rates = []
     for epoch in range(epochs):
         idx = epoch_shard(len(x_all), epoch, cfg.seed, 0, 1, batch, steps)

@@ -126,7 +126,8 @@ def main(claim: ClaimConfig) -> str:
 
         for f in [out, *sorted(out.parent.glob(f"{out.stem}-*.png"))]:
             mlflow.log_artifact(str(f), "report")
-    print(f"[claim] done: MLflow run {parent}; report {out.relative_to(tracking.REPO)}", flush=True)
+    shown = out.relative_to(tracking.REPO) if out.is_relative_to(tracking.REPO) else out
+    print(f"[claim] done: MLflow run {parent}; report {shown}", flush=True)
     return parent
 
 

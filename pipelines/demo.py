@@ -11,7 +11,6 @@ per-request latency (p50/p95), then the command that opens the MLflow UI on the 
 """
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, ClassVar
 
@@ -41,7 +40,6 @@ def percentile_ms(samples: list[float], q: float) -> float:
 
 
 def main(cfg: DemoConfig) -> dict[str, Any]:
-    import requests
     from ray import serve
 
     from pipelines import serve as serving
@@ -67,20 +65,8 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     url = serving.deploy(serving.ServeConfig(model_uri=f"runs:/{run_id}", port=cfg.port, block=False,
                                              max_images=cfg.batch_images))
     try:
-        session = requests.Session()
-        served = []
-        for i in range(0, len(test_x), cfg.batch_images):
-            r = session.post(f"{url}/classify", json={"images": test_x[i:i + cfg.batch_images, 0].tolist()})
-            r.raise_for_status()
-            served += [p["label"] for p in r.json()["predictions"]]
-        endpoint_acc = float((np.asarray(served) == test_y).mean())
-        latencies = []
-        for i in range(cfg.latency_requests):
-            body = json.dumps({"images": [test_x[i % len(test_x), 0].tolist()]})
-            t0 = time.perf_counter()
-            r = session.post(f"{url}/classify", data=body)
-            latencies.append(time.perf_counter() - t0)
-            r.raise_for_status()
+        endpoint_acc = float((serving.endpoint_labels(url, test_x[:, 0], cfg.batch_images) == test_y).mean())
+        latencies = serving.request_latencies(url, test_x[:, 0], cfg.latency_requests)
     finally:
         serve.shutdown()
 

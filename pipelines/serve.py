@@ -193,6 +193,34 @@ def deploy(cfg: ServeConfig) -> str:
     return f"http://{cfg.host}:{cfg.port}"
 
 
+def endpoint_labels(url: str, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Labels for uint8 images [N, H, W] through ``POST /classify``, ``batch`` images per request."""
+    import requests
+
+    session, labels = requests.Session(), []
+    for i in range(0, len(images), batch):
+        r = session.post(f"{url}/classify", json={"images": images[i:i + batch].tolist()})
+        r.raise_for_status()
+        labels += [p["label"] for p in r.json()["predictions"]]
+    return np.asarray(labels)
+
+
+def request_latencies(url: str, images: np.ndarray, n: int) -> list[float]:
+    """Seconds per 1-image request, ``n`` requests one after another (cycling through ``images``)."""
+    import json
+
+    import requests
+
+    session, out = requests.Session(), []
+    for i in range(n):
+        body = json.dumps({"images": [images[i % len(images)].tolist()]})
+        t0 = time.perf_counter()
+        r = session.post(f"{url}/classify", data=body)
+        out.append(time.perf_counter() - t0)
+        r.raise_for_status()
+    return out
+
+
 def main(cfg: ServeConfig) -> str:
     url = deploy(cfg)
     print(f"[serve] {cfg.model_uri} at {url}/classify  (docs: {url}/docs)", flush=True)

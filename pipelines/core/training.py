@@ -80,7 +80,8 @@ def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dic
                          "NCHW buffers that NHWC parameters would no longer alias)")
     if train.optimizer == "dot" and train.nesterov:
         raise ValueError("train.nesterov: DOT uses plain momentum; set train.nesterov=false")
-    if train.optimizer == "dot" and not (0 <= train.momentum - train.dot_delta and train.momentum + train.dot_delta < 1):
+    low, high = train.momentum - train.dot_delta, train.momentum + train.dot_delta
+    if train.optimizer == "dot" and not (0 <= low and high < 1):
         raise ValueError(f"train.dot_delta: momentum +- delta must lie in [0, 1), got {train.momentum} +- "
                          f"{train.dot_delta}")
     for key in DATA_KWARGS:

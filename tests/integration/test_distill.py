@@ -26,11 +26,10 @@ def history(client, run_id: str, key: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def kd_runs(cluster, zero_runs):
-    """KD with SGD and DOT with delta = 0 under ZeRO-2, from the ZeRO-0 SqueezeNet teacher."""
+    """KD with SGD under ZeRO-2, from the ZeRO-0 SqueezeNet teacher."""
     teacher = f"teacher.model_uri=runs:/{zero_runs[0]}"
-    common = (teacher, "scaling.zero_stage=2", "scaling.channels_last=false")
-    return {"sgd": distill(cluster, "kd-sgd", VISION, *common, "train.optimizer=sgd")[0],
-            "dot0": distill(cluster, "kd-dot0", VISION, *common, "train.optimizer=dot", "train.dot_delta=0")[0]}
+    return {"sgd": distill(cluster, "kd-sgd", VISION, teacher, "scaling.zero_stage=2",
+                           "scaling.channels_last=false", "train.optimizer=sgd")[0]}
 
 
 def test_kd_logs_every_loss_term_teacher_and_student(kd_runs, mlflow_client, zero_runs):
@@ -48,19 +47,20 @@ def test_kd_logs_every_loss_term_teacher_and_student(kd_runs, mlflow_client, zer
     assert run.data.tags["method"] == "kd" and run.data.tags["teacher"] == f"runs:/{zero_runs[0]}"
 
 
-def test_dot_with_delta_zero_is_sgd_inside_deepspeed_zero2(kd_runs, mlflow_client):
-    # DOT's two momentum buffers live in ZeRO-2's flat partitions; with delta = 0 they sum to SGD's
-    for key in ("train/loss", "train/kd", "val/loss"):
-        sgd, dot = history(mlflow_client, kd_runs["sgd"], key), history(mlflow_client, kd_runs["dot0"], key)
-        assert len(sgd) == 2 and sgd == pytest.approx(dot, rel=1e-4), key
-    assert mlflow_client.get_run(kd_runs["dot0"]).data.tags["method"] == "dot"
-
-
-def test_dot_runs_under_zero3(cluster, mlflow_client, zero_runs):
-    run_id, _ = distill(cluster, "dot-z3", VISION, f"teacher.model_uri=runs:/{zero_runs[0]}",
-                        "scaling.zero_stage=3", "scaling.channels_last=false", "train.optimizer=dot")
-    m = mlflow_client.get_run(run_id).data.metrics
-    assert m["ranks/identical"] == 1.0 and "train/kd" in m
+def test_dot_with_delta_zero_is_sgd_inside_deepspeed_zero3(cluster, mlflow_client, mlp_teacher):
+    # DOT's two momentum buffers live in ZeRO-3's flat partitions; with delta = 0 they sum to SGD's.
+    # An MLP student: a BatchNorm CNN at this LR amplifies float rounding ~10x per step, so two
+    # mathematically equal runs part after a few steps even in plain PyTorch (an MLP stays at 1e-7)
+    common = (f"teacher.model_uri=runs:/{mlp_teacher}", "scaling.zero_stage=3", "train.lr=0.05",
+              "train.nesterov=false")
+    sgd, _ = distill(cluster, "mlp-sgd", MLP, *common, "train.optimizer=sgd")
+    dot, _ = distill(cluster, "mlp-dot0", MLP, *common, "train.optimizer=dot", "train.dot_delta=0")
+    for key in ("train/loss", "train/kd", "train/ce", "val/loss"):
+        a, b = history(mlflow_client, sgd, key), history(mlflow_client, dot, key)
+        assert len(a) == 2 and a == pytest.approx(b, rel=1e-5), key
+    for run_id in (sgd, dot):
+        assert mlflow_client.get_run(run_id).data.metrics["ranks/identical"] == 1.0
+    assert mlflow_client.get_run(dot).data.tags["method"] == "dot"
 
 
 def test_minimoe_student_logs_load_balance_and_utilisation(cluster, mlflow_client, mlp_teacher):

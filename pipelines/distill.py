@@ -199,7 +199,8 @@ def train_loop(config: dict[str, Any]) -> None:
     losses = LossEnsemble.from_config(cfg.losses)
     opt, sched = build_optimizer(cfg.train, student.parameters(), cfg.train.epochs * steps)
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg.train.batch_size, world, cfg.scaling.zero_stage))
+                                           config=ds_config(cfg.train.batch_size, world, cfg.scaling.zero_stage,
+                                                            cfg.train.grad_clip))
     if cfg.scaling.channels_last:  # after initialize, as in pipelines.train (ZeRO-0 only)
         engine.module.to(memory_format=torch.channels_last)
     aux = getattr(engine.module, "aux_outputs", None)  # e.g. MiniMoE's load balance

@@ -78,7 +78,8 @@ def train_loop(config: dict[str, Any]) -> None:
     model = get_model(cfg.model.name, **kwargs)
     opt, sched = build_optimizer(cfg.train, model.parameters(), cfg.train.epochs * steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg.train.batch_size, world, cfg.scaling.zero_stage))
+                                           config=ds_config(cfg.train.batch_size, world, cfg.scaling.zero_stage,
+                                                            cfg.train.grad_clip))
     if cfg.scaling.channels_last:
         # after initialize: DeepSpeed's CPU broadcast of the initial weights needs NCHW tensors. Under
         # ZeRO-0 the optimizer holds the Parameter objects themselves, so re-laying their data is safe.

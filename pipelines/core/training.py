@@ -47,6 +47,9 @@ class OptimConfig(Section):
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: float = Field(0.15, ge=0, lt=1)  # of all steps, linear warm-up (onecycle)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # max global gradient norm per engine step; 0 = no clipping. Set explicitly because DeepSpeed 0.19
+    # clips at 1.0 unless told otherwise (the papers here do not clip)
+    grad_clip: float = Field(0.0, ge=0)
     stop_after_epochs: int | None = Field(None, ge=1)  # end the job early (a deliberate interruption)
 
 
@@ -80,6 +83,9 @@ def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dic
                          "NCHW buffers that NHWC parameters would no longer alias)")
     if train.optimizer == "dot" and train.nesterov:
         raise ValueError("train.nesterov: DOT uses plain momentum; set train.nesterov=false")
+    if train.optimizer == "dot" and train.grad_clip:
+        raise ValueError("train.grad_clip: DOT steps the engine once per gradient, so clipping would clip "
+                         "the task and distillation gradients separately; set train.grad_clip=0")
     low, high = train.momentum - train.dot_delta, train.momentum + train.dot_delta
     if train.optimizer == "dot" and not (0 <= low and high < 1):
         raise ValueError(f"train.dot_delta: momentum +- delta must lie in [0, 1), got {train.momentum} +- "
@@ -93,9 +99,10 @@ def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dic
 # worker side
 
 
-def ds_config(batch_size: int, world: int, zero_stage: int) -> dict[str, Any]:
+def ds_config(batch_size: int, world: int, zero_stage: int, grad_clip: float = 0.0) -> dict[str, Any]:
     return {
         "train_batch_size": batch_size,
+        "gradient_clipping": grad_clip,  # DeepSpeed's own default is 1.0
         "train_micro_batch_size_per_gpu": batch_size // world,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": zero_stage},

@@ -35,8 +35,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
-from pipelines.core.config import ConfigError, JobConfig, Section, require_registered, run_cli
-from pipelines.core.training import (DataConfig, ModelConfig, OptimConfig, ScalingConfig, WorkerData,
+from pipelines.core.config import ConfigError, Section, require_registered, run_cli
+from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, WorkerData,
                                      build_optimizer, check_sections, ds_config, gather_state, log_model,
                                      run_epochs, run_job, test_accuracy)
 
@@ -68,18 +68,12 @@ def _default_losses() -> dict[str, dict[str, Any]]:
             "kd": {"name": "kd", "weight": 0.9, "temperature": 4.0, "group": "distill"}}
 
 
-class DistillConfig(JobConfig):
-    experiment: str = "squeezelab"  # MLflow experiment
-    run_name: str | None = None  # Ray Train run name; re-run with the same name to resume
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
+class DistillConfig(DeepSpeedJobConfig):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     # term -> {name: <loss registry name, default the term>, weight, group: task | distill, <options>}
     losses: dict[str, dict[str, Any]] = Field(default_factory=_default_losses)
     train: DistillOptimConfig = Field(default_factory=DistillOptimConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    register_as: str | None = None  # register the student under this name (alias "current")
 
     SMOKE: ClassVar[dict[str, Any]] = {
         "data.limit_train": 512, "data.limit_eval": 256, "train.epochs": 2, "train.batch_size": 64,

@@ -22,21 +22,15 @@ from typing import Any, ClassVar
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
-from pipelines.core.config import JobConfig, require_registered, run_cli
-from pipelines.core.training import (DataConfig, ModelConfig, OptimConfig, ScalingConfig, WorkerData,
+from pipelines.core.config import require_registered, run_cli
+from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, WorkerData,
                                      build_optimizer, check_sections, ds_config, gather_state, log_model,
                                      run_epochs, run_job, test_accuracy)
 
 
-class TrainConfig(JobConfig):
-    experiment: str = "squeezelab"  # MLflow experiment
-    run_name: str | None = None  # Ray Train run name; re-run with the same name to resume
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
+class TrainConfig(DeepSpeedJobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: OptimConfig = Field(default_factory=OptimConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    register_as: str | None = None  # register the final model under this name (alias "current")
 
     SMOKE: ClassVar[dict[str, Any]] = {
         "data.limit_train": 512, "data.limit_eval": 256, "train.epochs": 2, "train.batch_size": 64,

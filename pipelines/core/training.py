@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from pipelines.core.config import Section
+from pipelines.core.config import JobConfig, Section
 
 
 class DataConfig(Section):
@@ -66,6 +66,17 @@ class ScalingConfig(Section):
     # NHWC activations and weights: CPU convs, BN and max-pools run ~1.6x faster. Only with ZeRO-0:
     # ZeRO 1-3 keep parameters as views of flat NCHW buffers.
     channels_last: bool = False
+
+
+class DeepSpeedJobConfig(JobConfig):
+    """What every DeepSpeed job's config has (``run_job`` reads these); jobs add model and optimizer."""
+
+    experiment: str = "squeezelab"  # MLflow experiment
+    run_name: str | None = None  # Ray Train run name; re-run with the same name to resume
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    register_as: str | None = None  # register the final model under this name (alias "current")
 
 
 def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dict[str, Any],

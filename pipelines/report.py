@@ -1,11 +1,13 @@
-"""Summarise a claim's runs into ``docs/results/<name>.md``: per arm mean +- std, paired differences.
+"""Summarise a sweep's runs into ``docs/results/<name>.md``: per arm mean +- std, paired differences.
 
     python -m pipelines.report --config pipelines/configs/claims/dot.yaml            # latest sweep
     python -m pipelines.report --config pipelines/configs/claims/dot.yaml parent_run_id=<id>
 
-Reads the child runs of a claim's parent MLflow run (``pipelines.claim`` tags each with its arm and
-seed), pairs them by seed, and writes the table with the paired t-test p-value, wins/losses, and the
-MLflow run ids; nothing in it is typed by hand.
+Reads the child runs of a sweep's parent MLflow run (``pipelines.sweep`` tags each with its arm, grid
+cell and seed), pairs them by seed within a cell, and writes the tables with the paired t-test
+p-value, wins/losses, and the MLflow run ids; with several cells (datasets, learning rates) a
+summary table per metric and a forest plot of the paired differences come first. Nothing in it is
+typed by hand.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core import tracking
-
+from pipelines.sweep import cell_label as _cell_label
 
 
 def _runs(parent: str) -> list[Any]:
@@ -82,26 +84,119 @@ def plot(values: dict[str, dict[int, float]], arms: list[str], metric: str, out:
     return out
 
 
-def write(parent: str, claim) -> Path:
+def collect(parent: str, metrics: list[str]):
+    """(values[metric][cell][arm][seed], run ids[cell][arm][seed]) of a sweep's finished child runs."""
     runs = _runs(parent)
-    metrics = [claim.metric, *claim.metrics]
-    values: dict[str, dict[str, dict[int, float]]] = {m: {} for m in metrics}
-    ids: dict[str, dict[int, str]] = {}
+    values: dict[str, dict[str, dict[str, dict[int, float]]]] = {m: {} for m in metrics}
+    ids: dict[str, dict[str, dict[int, str]]] = {}
     for run in runs:
-        arm, seed = run.data.tags.get("claim.arm"), run.data.tags.get("claim.seed")
+        tags = run.data.tags
+        arm, seed = tags.get("claim.arm"), tags.get("claim.seed")
         if arm is None or seed is None or run.info.status != "FINISHED":
             continue
-        ids.setdefault(arm, {})[int(seed)] = run.info.run_id
+        cell = tags.get("claim.cell", "all")  # runs from before grids have no cell
+        ids.setdefault(cell, {}).setdefault(arm, {})[int(seed)] = run.info.run_id
         for m in metrics:
             if m in run.data.metrics:
-                values[m].setdefault(arm, {})[int(seed)] = run.data.metrics[m]
-    comparisons = claim.comparisons or {"all arms": {arm: claim.baseline for arm in claim.arms}}
-    lines = [f"# {claim.title}", "", f"Paper: {claim.paper}", "",
-             f"Claim config: `pipelines/configs/claims/{claim.name}.yaml` (job `pipelines.{claim.job}`, base "
-             f"`{claim.config}`); seeds {sorted({s for a in ids.values() for s in a})}, paired across arms.",
+                values[m].setdefault(cell, {}).setdefault(arm, {})[int(seed)] = run.data.metrics[m]
+    return values, ids
+
+
+def comparisons_of(claim) -> dict[str, dict[str, str]]:
+    """{regime: {arm: its baseline arm}}: the sweep's own, or every arm against ``baseline``."""
+    return claim.comparisons or {"all arms": {arm: claim.baseline for arm in claim.arms}}
+
+
+def pairs_of(claim) -> list[tuple[str, str]]:
+    """Every (arm, baseline) comparison the sweep asks for, in order, once each."""
+    return list(dict.fromkeys((a, b) for pairs in comparisons_of(claim).values() for a, b in pairs.items() if a != b))
+
+
+def summary_table(values: dict[str, dict[str, dict[int, float]]], cells: list[str], pairs: list[tuple[str, str]],
+                  metric: str) -> list[str]:
+    """One row per cell: each baseline's mean and every compared arm's paired difference from its
+    baseline (p-value); a last row counts the cells where the arm is significantly higher / lower
+    (paired t, p < 0.05)."""
+    from tasks.common.stats import mean_std, paired
+
+    bases = list(dict.fromkeys(b for _, b in pairs))
+    lines = ["| cell | " + " | ".join(f"**{b}** {metric}" for b in bases) + " | "
+             + " | ".join(f"{a} − {b} (p)" for a, b in pairs) + " |",
+             "|---|" + "---|" * (len(bases) + len(pairs))]
+    counts = {p: [0, 0, 0] for p in pairs}
+    for cell in cells:
+        row = [f"| {cell} |"]
+        for b in bases:
+            base = list(values.get(cell, {}).get(b, {}).values())
+            m, s = mean_std(base) if base else (float("nan"), float("nan"))
+            row.append(f" {_fmt(m)} ± {_fmt(s)} |")
+        for a, b in pairs:
+            base, mine = values.get(cell, {}).get(b, {}), values.get(cell, {}).get(a, {})
+            common = sorted(set(mine) & set(base))
+            if not common:
+                row.append(" n/a |")
+                continue
+            r = paired([base[k] for k in common], [mine[k] for k in common])
+            significant = r.p_value < 0.05  # nan compares False
+            star = "**" if significant else ""
+            row.append(f" {star}{r.mean_diff:+.4f}{star} ({_p(r.p_value)}) |")
+            counts[a, b][0 if significant and r.mean_diff > 0 else 2 if significant else 1] += 1
+        lines.append("".join(row))
+    lines.append("| higher / no difference / lower (p < 0.05) |" + " |" * len(bases)
+                 + "".join(f" {c[0]} / {c[1]} / {c[2]} |" for c in counts.values()))
+    return lines
+
+
+def forest(values: dict[str, dict[str, dict[str, dict[int, float]]]], cells: list[str],
+           pairs: list[tuple[str, str]], metrics: list[str], out: Path, title: str) -> Path:
+    """A panel per metric: every compared arm's paired difference from its baseline per cell, with its
+    95% t-interval; a point right of zero means higher than the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from scipy import stats
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics) + 1.2, 0.9 + 0.42 * len(cells)),
+                             squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        for j, (arm, baseline) in enumerate(pairs):
+            for i, cell in enumerate(cells):
+                base, mine = values[metric].get(cell, {}).get(baseline, {}), values[metric].get(cell, {}).get(arm, {})
+                d = np.array([mine[k] - base[k] for k in sorted(set(base) & set(mine))])
+                if not len(d):
+                    continue
+                half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+                y = i + (j - (len(pairs) - 1) / 2) * 0.8 / len(pairs)
+                ax.errorbar(d.mean(), y, xerr=half, fmt="o", ms=3.5, color=f"C{j}", capsize=2, lw=1,
+                            label=f"{arm} − {baseline}" if i == 0 else None)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].set_yticks(range(len(cells)), cells)
+    axes[0, 0].invert_yaxis()
+    axes[0, -1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{title}\npaired difference per cell, mean and 95% interval over seeds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write(parent: str, claim) -> Path:
+    metrics = [claim.metric, *claim.metrics]
+    values, ids = collect(parent, metrics)
+    cells = [c for c in map(_cell_label, claim.cells()) if c in ids] or sorted(ids)
+    comparisons = comparisons_of(claim)
+    seeds = sorted({s for c in ids.values() for a in c.values() for s in a})
+    lines = [f"# {claim.title}", ""] + ([f"Paper: {claim.paper}", ""] if claim.paper else []) + [
+             f"Sweep config: `pipelines/configs/claims/{claim.name}.yaml` (job `pipelines.{claim.job}`, base "
+             f"`{claim.config}`); seeds {seeds}, paired across arms"
+             + (f"; grid {', '.join(f'`{k}` {v}' for k, v in claim.grid.items())}" if claim.grid else "") + ".",
              f"MLflow parent run `{parent}` (experiment `{claim.experiment}`)"
              + (" — **smoke run: tiny data, not evidence**" if claim.smoke else "") + ".", "",
-             "Reproduce:", "", "```", f"python -m pipelines.claim --config pipelines/configs/claims/{claim.name}.yaml",
+             "Reproduce:", "", "```", f"python -m pipelines.sweep --config pipelines/configs/claims/{claim.name}.yaml",
              "```", ""]
     if claim.notes:
         lines += [claim.notes.strip(), ""]
@@ -110,16 +205,31 @@ def write(parent: str, claim) -> Path:
     results = tracking.REPO / claim.results_dir
     results.mkdir(parents=True, exist_ok=True)
     stem = f"{claim.name}{'-smoke' if claim.smoke else ''}"
-    for k, (regime, pairs) in enumerate(comparisons.items()):
-        ordered = {b: b for b in dict.fromkeys(pairs.values())} | pairs
-        lines += [f"## {regime}", ""]
-        png = plot(values[claim.metric], list(ordered), claim.metric, results / f"{stem}-{k}.png",
-                   f"{claim.name}: {regime}")
-        lines += [f"![{regime}]({png.name})", ""]
+    if len(cells) > 1:
+        pairs = pairs_of(claim)
+        png = forest(values, cells, pairs, metrics, results / f"{stem}-summary.png", claim.name)
+        lines += [f"## Summary over {len(cells)} cells", "", f"![summary]({png.name})", "",
+                  "Differences are paired over seeds within a cell; p from the paired t-test; "
+                  "bold: p < 0.05.", ""]
         for m in metrics:
-            lines += [f"### {m}", ""] + table(values[m], ordered, m) + [""]
-    lines += ["## Runs", "", "| arm | seed | MLflow run |", "|---|---|---|"]
-    lines += [f"| {arm} | {seed} | `{rid}` |" for arm in ids for seed, rid in sorted(ids[arm].items())]
+            lines += [f"### {m}", ""] + summary_table(values[m], cells, pairs, m) + [""]
+    for cell in cells:
+        if len(cells) > 1:
+            lines += [f"## {cell}", ""]
+        for k, (regime, pairs) in enumerate(comparisons.items()):
+            ordered = {b: b for b in dict.fromkeys(pairs.values())} | pairs
+            if len(comparisons) > 1 or len(cells) == 1:
+                lines += [f"{'###' if len(cells) > 1 else '##'} {regime}", ""]
+            if len(cells) == 1:  # the per-seed picture; many cells get the summary plot instead
+                png = plot(values[claim.metric].get(cell, {}), list(ordered), claim.metric,
+                           results / f"{stem}-{k}.png", f"{claim.name}: {regime}")
+                lines += [f"![{regime}]({png.name})", ""]
+            for m in metrics:
+                lines += [f"**{m}**" if len(cells) > 1 else f"### {m}", ""] \
+                    + table(values[m].get(cell, {}), ordered, m) + [""]
+    lines += ["## Runs", "", "| cell | arm | seed | MLflow run |", "|---|---|---|---|"]
+    lines += [f"| {cell} | {arm} | {seed} | `{rid}` |" for cell in cells for arm in ids.get(cell, {})
+              for seed, rid in sorted(ids[cell][arm].items())]
     out = results / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"[report] {out}", flush=True)
@@ -131,16 +241,16 @@ def _latest_parent(claim) -> str:
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     exp = client.get_experiment_by_name(claim.experiment)
-    runs = client.search_runs([exp.experiment_id] if exp else [], order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`claim.name` = '{claim.name}' and tags.`squeezelab.job` = 'claim'",
-                              max_results=1) if exp else []
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.`claim.name` = '{claim.name}'", max_results=200) if exp else []
+    runs = [r for r in runs if "claim.arm" not in r.data.tags]  # parents; trials carry their arm
     if not runs:
         sys.exit(f"no claim run named {claim.name!r} in experiment {claim.experiment!r}")
     return runs[0].info.run_id
 
 
 if __name__ == "__main__":
-    from pipelines.claim import ClaimConfig
+    from pipelines.sweep import SweepConfig
     from pipelines.core.config import load_config
 
     args = sys.argv[1:]
@@ -150,5 +260,5 @@ if __name__ == "__main__":
     path, rest = args[i + 1], args[:i] + args[i + 2:]
     parent = next((a.split("=", 1)[1] for a in rest if a.startswith("parent_run_id=")), None)
     smoke = "--smoke" in rest
-    claim = load_config(ClaimConfig, path, [], smoke)
+    claim = load_config(SweepConfig, path, [], smoke)
     write(parent or _latest_parent(claim), claim)

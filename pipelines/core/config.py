@@ -62,6 +62,11 @@ def _describe(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            if not e["loc"]:  # a cross-field rule: its message names the keys itself
+                lines.append(msg)
+                continue
         lines.append(f"{key}: {msg}")
     return "; ".join(lines)
 

@@ -37,8 +37,10 @@ class ModelConfig(Section):
 class OptimConfig(Section):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=1)  # global: split evenly over the workers
-    # dot: the Distillation-Oriented Trainer (tasks/dot.py), distillation jobs only
-    optimizer: Literal["sgd", "adamw", "dot"] = "sgd"
+    # dot: the Distillation-Oriented Trainer (tasks/dot.py), distillation jobs only; adam: coupled L2
+    # (weight_decay adds wd * theta to the gradient = an explicit 0.5 wd ||theta||^2 loss term, what
+    # LegendreTron's code trains with); adamw: decoupled decay
+    optimizer: Literal["sgd", "adam", "adamw", "dot"] = "sgd"
     lr: float = Field(0.1, gt=0)  # peak LR of the schedule
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD and DOT; ignored by AdamW
     nesterov: bool = True  # SGD only; DOT (like mdistiller's SGD baseline) uses plain momentum
@@ -133,8 +135,9 @@ def build_optimizer(cfg: OptimConfig, params, total_batches: int):
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+        opt = cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = DOT(params, lr=cfg.lr, momentum=cfg.momentum, delta=cfg.dot_delta, weight_decay=cfg.weight_decay)
     per_batch = 2 if cfg.optimizer == "dot" else 1

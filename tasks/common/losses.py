@@ -24,6 +24,13 @@ from tasks.common.registry import lookup, register_loss
 GROUPS = ("task", "distill")
 
 
+def single_score(fn: Callable) -> Callable:
+    """Mark a binary loss that reads one score per example (``logits`` of shape [N] or [N, 1]) and
+    targets in {0, 1}: a job gives the model a single output when every term is such a loss."""
+    fn.single_score = True
+    return fn
+
+
 @register_loss("cross_entropy")
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
@@ -99,6 +106,15 @@ class LossEnsemble:
         if not chosen:
             raise ValueError(f"the loss ensemble has no {group!r} term")
         return sum(w * v for w, v in chosen)
+
+    def single_score(self) -> bool:
+        """True when every term reads one score per example (binary margin losses), False when every
+        term reads one logit per class; a mix cannot train one model."""
+        kinds = {getattr(self._fns[k], "single_score", False) for k in self.terms}
+        if len(kinds) > 1:
+            raise ValueError("the loss ensemble mixes single-score binary losses with per-class losses: "
+                             f"{sorted(self.terms)}")
+        return kinds.pop()
 
     def groups(self) -> set[str]:
         return {t.group for t in self.terms.values()}

@@ -13,9 +13,9 @@ F = TypeVar("F", bound=Callable)
 
 # kind -> modules whose import registers entries of that kind
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models"),
-    "dataset": ("tasks.common.datasets", "tasks.common.text"),
-    "loss": ("tasks.common.losses", "tasks.kd", "tasks.minimoe"),
+    "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models", "tasks.legendretron"),
+    "dataset": ("tasks.common.datasets", "tasks.common.text", "tasks.common.tables"),
+    "loss": ("tasks.common.losses", "tasks.kd", "tasks.minimoe", "tasks.squentropy", "tasks.ensloss"),
 }
 _REGISTRIES: dict[str, dict[str, Callable]] = {kind: {} for kind in _PROVIDERS}
 

@@ -18,8 +18,8 @@ def test_claim_sweep_runs_paired_trials_and_writes_the_report(cluster, mlflow_cl
     }
     path = tmp_path / "ci.yaml"
     path.write_text(yaml.safe_dump(claim))
-    proc = cluster.job("claim", "--config", str(path), "--smoke")
-    parent = re.search(r"\[claim\] done: MLflow run (\w+)", proc.stdout).group(1)
+    proc = cluster.job("claim", "--config", str(path), "--smoke")  # the sweep job under its first name
+    parent = re.search(r"\[sweep\] done: MLflow run (\w+)", proc.stdout).group(1)
 
     children = mlflow_client.search_runs([mlflow_client.get_run(parent).info.experiment_id],
                                          filter_string=f"tags.mlflow.parentRunId = '{parent}'")

@@ -38,7 +38,7 @@ from pipelines.core import tracking
 from pipelines.core.config import ConfigError, Section, require_registered, run_cli
 from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, WorkerData,
                                      build_optimizer, check_sections, ds_config, gather_state, log_model,
-                                     run_epochs, run_job, test_accuracy)
+                                     loss_ensemble, run_epochs, run_job, test_accuracy)
 
 
 class TeacherConfig(Section):
@@ -82,13 +82,8 @@ class DistillConfig(DeepSpeedJobConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":
-        from tasks.common.losses import LossEnsemble
-
         check_sections(self.train, self.scaling, self.student.kwargs, model_key="student")
-        try:
-            ensemble = LossEnsemble.from_config(self.losses)
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"losses: {exc.args[0]}") from None
+        ensemble = loss_ensemble(self.losses)
         if self.train.optimizer == "dot" and ensemble.groups() != {"task", "distill"}:
             raise ValueError("train.optimizer: dot needs both a task and a distill loss term "
                              f"(losses has groups {sorted(ensemble.groups())})")

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, Section, require_registered, run_cli
-from pipelines.core.training import ModelConfig, OptimConfig
+from pipelines.core.training import ModelConfig, OptimConfig, loss_ensemble
 
 
 class FitDataConfig(Section):
@@ -59,7 +59,7 @@ class FitOptimConfig(OptimConfig):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, gt=0)  # SGD + Nesterov, as the Squentropy author code trains its MLPs
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "cosine"
+    schedule: Literal["onecycle", "cosine", "constant", "step"] = "cosine"
     eval_every: int = Field(1, ge=1)  # validation metrics every N epochs (and after the last)
 
 
@@ -83,7 +83,6 @@ class FitConfig(JobConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "FitConfig":
-        from tasks.common.losses import LossEnsemble
         from tasks.common.registry import DATA_KWARGS
 
         if self.train.optimizer == "dot":
@@ -93,10 +92,7 @@ class FitConfig(JobConfig):
         for key in DATA_KWARGS:
             if key in self.model.kwargs:
                 raise ValueError(f"model.kwargs.{key} comes from the dataset; remove it")
-        try:
-            LossEnsemble.from_config(self.losses).single_score()
-        except (KeyError, ValueError) as exc:
-            raise ValueError(f"losses: {str(exc).strip(chr(34))}") from None
+        loss_ensemble(self.losses)
         return self
 
 
@@ -168,9 +164,7 @@ def evaluate(model, x, y, bins: int, temperature: float = 1.0) -> dict[str, floa
 
 def model_outputs(cfg: FitConfig, data: FitData) -> int:
     """One score for single-score binary losses (on a two-class set), else one logit per class."""
-    from tasks.common.losses import LossEnsemble
-
-    if not LossEnsemble.from_config(cfg.losses).single_score():
+    if not loss_ensemble(cfg.losses).single_score():
         return len(data.classes)
     if len(data.classes) != 2:
         raise ConfigError(f"losses: single-score binary losses need a two-class dataset; "
@@ -183,12 +177,11 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
     import torch
 
     from pipelines.core.training import build_optimizer
-    from tasks.common.losses import LossEnsemble
     from tasks.common.registry import data_kwargs, get_model
     from tasks.common.seeding import hash_seed, seed_everything
 
     torch.set_num_threads(cfg.threads)
-    ensemble = LossEnsemble.from_config(cfg.losses)
+    ensemble = loss_ensemble(cfg.losses)
     outputs = model_outputs(cfg, data)
     seed_everything(cfg.seed)
     kwargs = {**cfg.model.kwargs, **data_kwargs(cfg.model.name, data.input_shape, outputs)}
@@ -227,11 +220,12 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
             break
         last_good = copy.deepcopy(model.state_dict())
         row = {"epoch": epoch + 1, **sums, "lr": sched.get_last_lr()[0]}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        evaluated = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
+        if evaluated:
             row.update({f"val/{k}": v for k, v in evaluate(model, data.val_x, data.val_y, cfg.ece_bins).items()})
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
-        if report:
+        if report and evaluated:  # a Tune report is a round trip to the driver (~40 ms): not every epoch
             report(row)
     return model, kwargs, history, diverged
 
@@ -251,7 +245,8 @@ def _log_history(history: list[dict[str, float]]) -> None:
 def main(cfg: FitConfig, parent_run_id: str | None = None,
          report: Callable[[dict[str, float]], None] | None = None) -> str:
     """Fit, evaluate and log; returns the MLflow run id (a child run under ``parent_run_id``).
-    ``report`` receives every epoch's metrics and then the final ones (a Tune trial passes tune.report)."""
+    ``report`` receives the metrics of every evaluation epoch, then the final ones (a Tune trial passes
+    tune.report)."""
     import mlflow
     import torch
 

@@ -25,12 +25,15 @@ from pipelines.core import tracking
 from pipelines.core.config import require_registered, run_cli
 from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, WorkerData,
                                      build_optimizer, check_sections, ds_config, gather_state, log_model,
-                                     run_epochs, run_job, test_accuracy)
+                                     loss_ensemble, run_epochs, run_job, test_accuracy)
 
 
 class TrainConfig(DeepSpeedJobConfig):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: OptimConfig = Field(default_factory=OptimConfig)
+    # a loss ensemble by name, {term: {name: <registered loss>, weight, <options>}} (every part is
+    # logged as train/loss/<term>); none: cross-entropy with train.label_smoothing
+    losses: dict[str, dict[str, Any]] | None = None
 
     SMOKE: ClassVar[dict[str, Any]] = {
         "data.limit_train": 512, "data.limit_eval": 256, "train.epochs": 2, "train.batch_size": 64,
@@ -42,6 +45,11 @@ class TrainConfig(DeepSpeedJobConfig):
         check_sections(self.train, self.scaling, self.model.kwargs)
         if self.train.optimizer == "dot":
             raise ValueError("train.optimizer: dot optimises a distillation loss; use pipelines.distill")
+        if self.losses is not None and loss_ensemble(self.losses).single_score():
+            raise ValueError("losses: single-score binary losses train one-output models with pipelines.fit")
+        if self.losses is not None and self.train.label_smoothing:
+            raise ValueError("train.label_smoothing: with losses, set it on the loss term instead "
+                             "(losses.<term>.label_smoothing of a cross_entropy term)")
         return self
 
 
@@ -79,12 +87,17 @@ def train_loop(config: dict[str, Any]) -> None:
         # ZeRO-0 the optimizer holds the Parameter objects themselves, so re-laying their data is safe.
         engine.module.to(memory_format=torch.channels_last)
 
+    ensemble = loss_ensemble(cfg.losses) if cfg.losses else None
+
     def train_step(_, x, y):
         logits = engine(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
-        engine.backward(loss)
+        if ensemble:
+            parts = ensemble({"logits": logits, "target": y})
+        else:
+            parts = {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)}
+        engine.backward(parts["loss"])
         engine.step()
-        return logits.detach(), {"loss": loss.item()}
+        return logits.detach(), {k: v.item() for k, v in parts.items()}
 
     if not run_epochs(engine, cfg=cfg, data=data, train_step=train_step, log=log, job="train",
                       loop_config=config):

@@ -297,6 +297,15 @@ def _rng(rng: np.random.Generator | int | None) -> np.random.Generator:
     return rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
 
 
+def _start_sampling(rng, target_samples: Samples) -> tuple[np.random.Generator, "_OutcomeCoder", np.ndarray]:
+    """(generator, a coder that will also code the model's draws, the target draws' ids)."""
+    coder = _OutcomeCoder()
+    target_ids = coder.encode(target_samples)
+    if target_ids.size == 0:
+        raise ValueError("need at least one target draw")
+    return _rng(rng), coder, target_ids
+
+
 def geometric_cross_entropy(sample_model: Sampler, target_samples: Samples,
                             rng: np.random.Generator | int | None = None, *, max_draws: int = 100_000,
                             on_cap: str = "raise") -> CrossEntropyEstimate:
@@ -313,12 +322,8 @@ def geometric_cross_entropy(sample_model: Sampler, target_samples: Samples,
         raise ValueError(f"on_cap must be 'raise' or 'flag', got {on_cap!r}")
     if max_draws < 1:
         raise ValueError(f"max_draws must be >= 1, got {max_draws}")
-    rng = _rng(rng)
-    coder = _OutcomeCoder()
-    target_ids = coder.encode(target_samples)
+    rng, coder, target_ids = _start_sampling(rng, target_samples)
     n_targets = target_ids.size
-    if n_targets == 0:
-        raise ValueError("need at least one target draw")
     stop_time = np.zeros(n_targets, dtype=np.int64)  # T, 0 while pending
     drawn = np.zeros(n_targets, dtype=np.int64)  # draws so far without a match
     pending = np.arange(n_targets)
@@ -370,12 +375,8 @@ def poisson_cross_entropy(sample_model: Sampler, target_samples: Samples,
     """
     if not rate > 0:
         raise ValueError(f"rate must be positive, got {rate}")
-    rng = _rng(rng)
-    coder = _OutcomeCoder()
-    target_ids = coder.encode(target_samples)
+    rng, coder, target_ids = _start_sampling(rng, target_samples)
     n_targets = target_ids.size
-    if n_targets == 0:
-        raise ValueError("need at least one target draw")
     n_draws = rng.poisson(rate, size=n_targets)  # N per target
     total = int(n_draws.sum())
     owner = np.repeat(np.arange(n_targets), n_draws)

@@ -46,8 +46,10 @@ class OptimConfig(Section):
     nesterov: bool = True  # SGD only; DOT (like mdistiller's SGD baseline) uses plain momentum
     dot_delta: float = Field(0.075, ge=0, lt=0.1)  # DOT: task momentum mu - delta, KD momentum mu + delta
     weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "constant", "step"] = "onecycle"
     warmup_fraction: float = Field(0.15, ge=0, lt=1)  # of all steps, linear warm-up (onecycle)
+    step_gamma: float = Field(0.95, gt=0, le=1)  # step: multiply the LR by this every step_epochs epochs
+    step_epochs: int = Field(4, ge=1)  # (LegendreTron's StepLR: 0.95 every 4 epochs)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # max global gradient norm per engine step; 0 = no clipping. Set explicitly because DeepSpeed 0.19
     # clips at 1.0 unless told otherwise (the papers here do not clip)
@@ -108,6 +110,19 @@ def check_sections(train: OptimConfig, scaling: ScalingConfig, model_kwargs: dic
             raise ValueError(f"{model_key}.kwargs.{key} comes from the dataset; remove it")
 
 
+def loss_ensemble(spec: dict[str, dict[str, Any]]):
+    """The ``losses`` section as a ``LossEnsemble``, or ValueError("losses: ...") saying what is wrong
+    (an unknown loss or option, or binary single-score terms mixed with per-class ones)."""
+    from tasks.common.losses import LossEnsemble
+
+    try:
+        ensemble = LossEnsemble.from_config(spec)
+        ensemble.single_score()
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"losses: {exc.args[0]}") from None
+    return ensemble
+
+
 # ---------------------------------------------------------------------------------------------
 # worker side
 
@@ -148,9 +163,13 @@ def build_optimizer(cfg: OptimConfig, params, total_batches: int):
 def _lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     warm = max(1, int(cfg.warmup_fraction * total_steps))
 
+    every = max(1, round(cfg.step_epochs * total_steps / cfg.epochs))
+
     def factor(step: int) -> float:
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** (step // every)
         if step < warm and cfg.schedule == "onecycle":
             return (step + 1) / warm
         start = warm if cfg.schedule == "onecycle" else 0

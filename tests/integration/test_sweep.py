@@ -53,7 +53,7 @@ def test_loss_sweep_lands_paired_child_runs_and_a_report_computed_from_them(clus
     acc = {(r.data.tags["claim.arm"], r.data.tags["claim.seed"]): r.data.metrics["test/acc"] for r in runs}
     assert f"| **ce** (baseline) | 2 | {(acc['ce', '0'] + acc['ce', '1']) / 2:.4f}" in report
     diff = ((acc["squentropy", "0"] - acc["ce", "0"]) + (acc["squentropy", "1"] - acc["ce", "1"])) / 2
-    assert f"| squentropy | 2 | " in report and f"{diff:+.4f}" in report
+    assert "| squentropy | 2 | " in report and f"{diff:+.4f}" in report
     assert {"report/losses.md", "report/losses-0.png"} <= {a.path for a in mlflow_client.list_artifacts(parent, "report")}
 
     # a trial is an ordinary fit run: the same config run alone reproduces its numbers exactly

@@ -25,13 +25,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist, fetched without root into ~/.cache/squeezelab
-# when it is not installed; a fresh machine may need its package lists first.
+# Fashion-MNIST (Debian dataset-fashion-mnist) and the UCI tables (Debian r-cran-mlbench) are fetched
+# without root into ~/.cache/squeezelab when they are not installed; a fresh machine may need its
+# package lists first.
+FETCH_DATA := from tasks.common.datasets import fashion_mnist; from tasks.common.tables import letter; fashion_mnist(); letter()
 data: $(STAMP)
-	@$(BIN)/python -c "from tasks.common.datasets import fashion_mnist; fashion_mnist()" 2>/dev/null \
-	  || { echo "fetching Debian dataset-fashion-mnist (apt-get update first)"; \
+	@$(BIN)/python -c "$(FETCH_DATA)" 2>/dev/null \
+	  || { echo "fetching Debian dataset-fashion-mnist and r-cran-mlbench (apt-get update first)"; \
 	       apt-get update -qq >/dev/null 2>&1 || true; \
-	       $(BIN)/python -c "from tasks.common.datasets import fashion_mnist; fashion_mnist()"; }
+	       $(BIN)/python -c "$(FETCH_DATA)"; }
 
 demo: setup
 	$(BIN)/python -m pipelines.demo

@@ -176,10 +176,11 @@ def forest(values: dict[str, dict[str, dict[str, dict[int, float]]]], cells: lis
         ax.tick_params(labelsize=7)
     axes[0, 0].set_yticks(range(len(cells)), cells)
     axes[0, 0].invert_yaxis()
-    axes[0, -1].legend(fontsize=7, loc="best")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.suptitle(f"{title}\npaired difference per cell, mean and 95% interval over seeds", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -241,9 +242,11 @@ def _latest_parent(claim) -> str:
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     exp = client.get_experiment_by_name(claim.experiment)
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`claim.name` = '{claim.name}'", max_results=200) if exp else []
-    runs = [r for r in runs if "claim.arm" not in r.data.tags]  # parents; trials carry their arm
+    # the parent's job is "sweep" ("claim" for sweeps run before it was renamed); trials carry their own job
+    runs = [r for job in ("sweep", "claim") for r in client.search_runs(
+        [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1,
+        filter_string=f"tags.`claim.name` = '{claim.name}' and tags.`squeezelab.job` = '{job}'")] if exp else []
+    runs.sort(key=lambda r: r.info.start_time, reverse=True)
     if not runs:
         sys.exit(f"no claim run named {claim.name!r} in experiment {claim.experiment!r}")
     return runs[0].info.run_id

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses bench-distill
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses bench-distill bench-proper-losses
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -54,6 +54,10 @@ bench: setup
 # python -m pipelines.distill --config pipelines/configs/distill_fashion.yaml)
 bench-distill: setup
 	$(BIN)/python benchmarks/serve_latency.py
+
+# ranking generative models from samples only: black-box proper losses vs a plug-in score (numpy, ~1 min)
+bench-proper-losses: setup
+	$(BIN)/python benchmarks/proper_losses_ranking.py
 
 # the teachers the distillation claims start from, registered in MLflow as
 # squeezenet-fashion@current (also registered by `make demo`) and mlp-fashion@current

@@ -92,9 +92,6 @@ class SweepConfig(JobConfig):
         return [dict(zip(keys, combo)) for combo in itertools.product(*self.grid.values())]
 
 
-ClaimConfig = SweepConfig  # the name the distillation claims were written against
-
-
 def cell_label(cell: dict[str, Any]) -> str:
     """``letter`` for one grid key, ``name=letter, lr=0.01`` for several, ``all`` without a grid."""
     if not cell:

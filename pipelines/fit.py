@@ -21,7 +21,7 @@ metrics, then test accuracy, NLL, Brier, ECE (equal-width and equal-mass bins), 
 post-hoc temperature scaling fitted on the validation split (``test/ts/*``), a reliability diagram
 (``reliability.png``), the model (safetensors + model.json), its bytes and parameter count.
 A run whose loss turns non-finite stops there, keeps the last finite epoch's weights and logs
-``train/diverged_epoch``.
+``train/diverged_epoch``; test rows whose logits are still not finite score as uniform predictions.
 """
 from __future__ import annotations
 
@@ -144,11 +144,15 @@ class FitData:
 
 
 def _logits(model, x, batch: int = 4096):
+    """Eval-mode logits; a row with a non-finite value (a diverged model) becomes all zeros, i.e. the
+    uniform prediction, so that it scores as the guess it is instead of breaking every metric."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+        z = torch.cat([model(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+    z[~torch.isfinite(z).all(-1) if z.ndim > 1 else ~torch.isfinite(z)] = 0.0
+    return z
 
 
 def evaluate(model, x, y, bins: int, temperature: float = 1.0) -> dict[str, float]:

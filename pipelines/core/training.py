@@ -162,8 +162,7 @@ def build_optimizer(cfg: OptimConfig, params, total_batches: int):
 
 def _lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     warm = max(1, int(cfg.warmup_fraction * total_steps))
-
-    every = max(1, round(cfg.step_epochs * total_steps / cfg.epochs))
+    every = max(1, round(cfg.step_epochs * total_steps / cfg.epochs))  # optimiser steps per decay (step)
 
     def factor(step: int) -> float:
         if cfg.schedule == "constant":

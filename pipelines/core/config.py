@@ -126,7 +126,7 @@ def run_cli(cls: type[C], main: Callable[[C], Any], argv: list[str] | None = Non
     parser.add_argument("--config", help="YAML file; defaults to the built-in values")
     parser.add_argument("--smoke", action="store_true", help="tiny data, few steps (what CI runs)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may stand before and after --smoke
     try:
         cfg = load_config(cls, args.config, args.overrides, args.smoke)
         return main(cfg)  # a job raises ConfigError from its pre-flight checks, before any work

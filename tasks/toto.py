@@ -48,30 +48,33 @@ _FLOYD_MAX_SPACE = 2**28     # simulate_urn keeps a [rounds, k^matches] bool mas
 
 
 # ----------------------------------------------------------------------------------------------- checks
+def _whole(value, low: int, high: float, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ValueError(f"{what}, got {value!r}")
+    return int(value)
+
+
+def _open_unit(value, what: str) -> float:
+    value = float(value)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{what} must lie in the open interval (0, 1), got {value}")
+    return value
+
+
 def _check_matches(matches) -> int:
-    if isinstance(matches, bool) or not isinstance(matches, (int, np.integer)) or matches < 1:
-        raise ValueError(f"matches must be a positive integer, got {matches!r}")
-    return int(matches)
+    return _whole(matches, 1, math.inf, "matches must be a positive integer")
 
 
 def _check_p(p) -> float:
-    p = float(p)
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"hit rate p must lie in the open interval (0, 1), got {p}")
-    return p
+    return _open_unit(p, "hit rate p")
 
 
 def _check_tier(tier, matches: int) -> int:
-    if isinstance(tier, bool) or not isinstance(tier, (int, np.integer)) or not 0 <= tier <= matches:
-        raise ValueError(f"tier (minimum number of strikes) must be an integer in 0..{matches}, got {tier!r}")
-    return int(tier)
+    return _whole(tier, 0, matches, f"tier (minimum number of strikes) must be an integer in 0..{matches}")
 
 
 def _check_safety(safety) -> float:
-    safety = float(safety)
-    if not 0.0 < safety < 1.0:
-        raise ValueError(f"safety level Q must lie in the open interval (0, 1), got {safety}")
-    return safety
+    return _open_unit(safety, "safety level Q")
 
 
 def _check_n(n) -> np.ndarray:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses bench-distill bench-proper-losses toto-tables
+.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -74,13 +74,16 @@ teachers: setup
 
 # a paper's claim as a Ray Tune sweep over arms x grid cells x paired seeds -> docs/results/<name>.md
 # (make claim-dot, claim-minimoe, claim-weight_squeezing: they need `make teachers`;
-#  make claim-squentropy, claim-ensloss, claim-legendretron: the loss claims, tables that ship offline)
+#  make claim-squentropy, claim-ensloss, claim-legendretron: the loss claims, tables that ship offline;
+#  make claim-robust_bellman (~6 min), claim-robust_bellman_control (~30 min): robust Bellman losses)
 claim-%: setup
 	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/$*.yaml
 
 claims-distill: claim-dot claim-minimoe claim-weight_squeezing
 
 claims-losses: claim-squentropy claim-ensloss claim-legendretron
+
+claims-value: claim-robust_bellman claim-robust_bellman_control
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000

@@ -176,13 +176,180 @@ def forest(values: dict[str, dict[str, dict[str, dict[int, float]]]], cells: lis
         ax.tick_params(labelsize=7)
     axes[0, 0].set_yticks(range(len(cells)), cells)
     axes[0, 0].invert_yaxis()
+    return _save(fig, axes, f"{title}\npaired difference per cell, mean and 95% interval over seeds", out)
+
+
+def _save(fig, axes, title: str, out: Path) -> Path:
+    """One legend (the first panel's) right of the panels, the title on top; written and closed."""
+    import matplotlib.pyplot as plt
+
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.suptitle(f"{title}\npaired difference per cell, mean and 95% interval over seeds", fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _sensitivity_groups(claim) -> dict[str, list[tuple[float, str]]]:
+    """{label of the other grid axes' values: [(value of the sensitivity axis, cell label), ...]}."""
+    groups: dict[str, list[tuple[float, str]]] = {}
+    for cell in claim.cells():
+        rest = {k: v for k, v in cell.items() if k != claim.sensitivity}
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest.items()) or "all"
+        groups.setdefault(label, []).append((float(cell[claim.sensitivity]), _cell_label(cell)))
+    return groups
+
+
+def sensitivity_plot(values: dict[str, dict[str, dict[str, dict[int, float]]]], claim, metrics: list[str],
+                     out: Path) -> Path:
+    """A panel per (metric, other cell): each arm's mean +- standard error over seeds against the
+    sensitivity axis (log scale when its values are positive)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups = _sensitivity_groups(claim)
+    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(3.6 * len(groups) + 1.6, 2.8 * len(metrics)),
+                             squeeze=False)
+    for r, metric in enumerate(metrics):
+        for c, (group, points) in enumerate(groups.items()):
+            ax = axes[r, c]
+            for j, arm in enumerate(claim.arms):
+                xs, ms, ses = [], [], []
+                for x, cell in points:
+                    v = np.array(list(values[metric].get(cell, {}).get(arm, {}).values()))
+                    if len(v):
+                        xs.append(x)
+                        ms.append(v.mean())
+                        ses.append(v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0)
+                if xs:
+                    ms, ses = np.array(ms), np.array(ses)
+                    ax.plot(xs, ms, "-o", ms=3, lw=1.2, color=f"C{j}", label=arm)
+                    ax.fill_between(xs, ms - ses, ms + ses, color=f"C{j}", alpha=0.15, lw=0)
+            if all(x > 0 for x, _ in points):
+                ax.set_xscale("log", base=2)
+            ax.set_title(group if len(groups) > 1 else claim.name, fontsize=8)
+            ax.set_xlabel(claim.sensitivity.rsplit(".", 1)[-1], fontsize=8)
+            ax.set_ylabel(metric, fontsize=8)
+            ax.tick_params(labelsize=7)
+    return _save(fig, axes, f"{claim.title}\nmean ± standard error over seeds", out)
+
+
+def sensitivity_table(values: dict[str, dict[str, dict[int, float]]], points: list[tuple[float, str]],
+                      pairs: list[tuple[str, str]], arms: list[str], metric: str, axis: str) -> list[str]:
+    """One row per arm: the metric averaged over the axis's whole range per seed (mean +- std over
+    seeds), its paired difference from the arm's baseline, and the best value with where it lies."""
+    import numpy as np
+
+    from tasks.common.stats import mean_std, paired
+
+    def per_seed(arm: str) -> dict[int, float]:
+        cells = [values.get(cell, {}).get(arm, {}) for _, cell in points]
+        seeds = set.intersection(*(set(c) for c in cells)) if cells else set()
+        return {k: float(np.mean([c[k] for c in cells])) for k in seeds}
+
+    base_of = dict(pairs)
+    name = axis.rsplit(".", 1)[-1]
+    lines = [f"| arm | {metric} over the {name} range, mean ± std | vs | paired Δ (p) | best mean | at {name} |",
+             "|---|---|---|---|---|---|"]
+    for arm in arms:
+        mine = per_seed(arm)
+        if not mine:
+            continue
+        m, s = mean_std(list(mine.values()))
+        means = [(float(np.mean(list(values[cell][arm].values()))), x) for x, cell in points
+                 if values.get(cell, {}).get(arm)]
+        best = min(means) if metric_lower_is_better(metric) else max(means)
+        row = f"| {arm} | {_fmt(m)} ± {_fmt(s)} |"
+        base = base_of.get(arm)
+        if base:
+            theirs = per_seed(base)
+            common = sorted(set(mine) & set(theirs))
+            r = paired([theirs[k] for k in common], [mine[k] for k in common]) if common else None
+            star = "**" if r and r.p_value < 0.05 else ""
+            row += (f" {base} | {star}{r.mean_diff:+.4f}{star} ({_p(r.p_value)}) |" if r else f" {base} | n/a |")
+        else:
+            row += " | |"
+        lines.append(row + f" {_fmt(best[0])} | {best[1]:g} |")
+    return lines
+
+
+def _common_steps(curves, bins: int = 50):
+    """(steps, [runs, steps] values) of curves logged at the same steps, or, where runs log at their
+    own steps (episode ends), each run's mean per bin of 50 equal bins, carried forward over empty
+    bins."""
+    import numpy as np
+
+    if all(len(c[0]) == len(curves[0][0]) and np.array_equal(c[0], curves[0][0]) for c in curves):
+        return curves[0][0], np.array([c[1] for c in curves])
+    edges = np.linspace(0, max(c[0].max() for c in curves), bins + 1)
+    out = np.empty((len(curves), bins))
+    for i, (steps, vals) in enumerate(curves):
+        which = np.clip(np.searchsorted(edges, steps, side="left") - 1, 0, bins - 1)
+        last = vals[0]
+        for b in range(bins):
+            hit = vals[which == b]
+            last = hit.mean() if len(hit) else last
+            out[i, b] = last
+    return edges[1:], out
+
+
+def best_curves(values: dict[str, dict[str, dict[int, float]]], ids: dict[str, dict[str, dict[int, str]]],
+                claim, out: Path) -> Path:
+    """A panel per other cell: each arm's learning curve (``claim.curve``, mean +- standard error over
+    seeds) at the value of the sensitivity axis where its headline metric was best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    import numpy as np
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    lower = metric_lower_is_better(claim.metric)
+    groups = _sensitivity_groups(claim)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups) + 1.6, 3.2), squeeze=False)
+    name = claim.sensitivity.rsplit(".", 1)[-1]
+    for ax, (group, points) in zip(axes[0], groups.items()):
+        for j, arm in enumerate(claim.arms):
+            scored = [(float(np.mean(list(values[cell][arm].values()))), x, cell) for x, cell in points
+                      if values.get(cell, {}).get(arm)]
+            if not scored:
+                continue
+            _, x, cell = min(scored) if lower else max(scored)
+            curves = []
+            for run_id in ids.get(cell, {}).get(arm, {}).values():
+                hist = sorted(client.get_metric_history(run_id, claim.curve), key=lambda m: m.step)
+                if hist:
+                    curves.append((np.array([m.step for m in hist]), np.array([m.value for m in hist])))
+            if not curves:
+                continue
+            steps, y = _common_steps(curves)
+            m = y.mean(0)
+            se = y.std(0, ddof=1) / np.sqrt(len(y)) if len(y) > 1 else np.zeros_like(m)
+            ax.plot(steps, m, lw=1.2, color=f"C{j}", label=f"{arm} ({name} {x:g})")
+            ax.fill_between(steps, m - se, m + se, color=f"C{j}", alpha=0.15, lw=0)
+        ax.set_title(group, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel(claim.curve, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, frameon=False)
+    fig.suptitle(f"{claim.title}\neach arm at its best {name} (by {claim.metric}); mean ± standard error over "
+                 "seeds", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def metric_lower_is_better(metric: str) -> bool:
+    """Errors, losses and divergence counts are better low; accuracies and returns high."""
+    name = metric.rsplit("/", 1)[-1]
+    return any(k in name for k in ("err", "loss", "nll", "ece", "brier", "rmsve", "msbe", "diverged", "ppl"))
 
 
 def write(parent: str, claim) -> Path:
@@ -206,6 +373,21 @@ def write(parent: str, claim) -> Path:
     results = tracking.REPO / claim.results_dir
     results.mkdir(parents=True, exist_ok=True)
     stem = f"{claim.name}{'-smoke' if claim.smoke else ''}"
+    if claim.sensitivity:
+        png = sensitivity_plot(values, claim, metrics, results / f"{stem}-sensitivity.png")
+        lines += [f"## Sensitivity to `{claim.sensitivity}`", "", f"![sensitivity]({png.name})", "",
+                  f"Each arm's metric averaged over the whole `{claim.sensitivity}` range per seed, then "
+                  "compared with its baseline over paired seeds (bold: p < 0.05); a lower range mean for "
+                  "an error (higher for a return) means good results over more of the range.", ""]
+        if claim.curve:
+            png = best_curves(values[claim.metric], ids, claim, results / f"{stem}-curves.png")
+            lines += [f"![learning curves]({png.name})", ""]
+        for group, points in _sensitivity_groups(claim).items():
+            if len(_sensitivity_groups(claim)) > 1:
+                lines += [f"### {group}", ""]
+            for m in metrics:
+                lines += [f"**{m}**", ""] + sensitivity_table(values[m], points, pairs_of(claim), list(claim.arms),
+                                                              m, claim.sensitivity) + [""]
     if len(cells) > 1:
         pairs = pairs_of(claim)
         png = forest(values, cells, pairs, metrics, results / f"{stem}-summary.png", claim.name)

@@ -37,8 +37,8 @@ from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, load_config, run_cli
 
 # job -> its config class; a sweep can run any of them
-JOBS = {"train": "TrainConfig", "distill": "DistillConfig", "fit": "FitConfig"}
-IN_PROCESS = {"fit"}  # jobs whose trial trains in its own process (no Ray Train worker group)
+JOBS = {"train": "TrainConfig", "distill": "DistillConfig", "fit": "FitConfig", "value": "ValueConfig"}
+IN_PROCESS = {"fit", "value"}  # jobs whose trial trains in its own process (no Ray Train worker group)
 
 
 class SweepConfig(JobConfig):
@@ -46,7 +46,7 @@ class SweepConfig(JobConfig):
     title: str = ""  # the claim, in the paper's words (default: the name)
     paper: str = ""  # citation, and the baseline / numbers the paper reports
     experiment: str = "claims"  # MLflow experiment of the parent and child runs
-    job: Literal["train", "distill", "fit"] = "distill"  # pipelines.<job> runs every trial
+    job: Literal["train", "distill", "fit", "value"] = "distill"  # pipelines.<job> runs every trial
     config: str  # the job's base YAML (relative to the repository root)
     overrides: list[str] = Field(default_factory=list)  # dotted overrides for every trial
     arms: dict[str, list[str]]  # arm name -> its own overrides (a loss, a method, ...)
@@ -60,6 +60,12 @@ class SweepConfig(JobConfig):
     # groups of arms reported as separate paired comparisons, e.g. low-data vs full-data regimes:
     # {regime: {arm: baseline arm}}; default: every arm against ``baseline``
     comparisons: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # a numeric grid key (a stepsize): the report adds sensitivity curves (each metric against it, per
+    # arm) and compares arms over its whole range (per seed, the metric averaged over the range)
+    sensitivity: str | None = None
+    # a metric logged per step (a learning curve): the report plots it for every arm at the value of
+    # ``sensitivity`` where the arm's headline metric was best
+    curve: str | None = None
     notes: str = ""  # caveats the report must carry (synthetic data, scale, departures)
     results_dir: str = "docs/results"  # where the report goes (relative to the repository root)
     max_concurrent: int | None = Field(None, ge=1)  # trials at once; default: fit fills the CPUs, others 1
@@ -80,6 +86,14 @@ class SweepConfig(JobConfig):
             for arm, base in pairs.items():
                 if arm not in self.arms or base not in self.arms:
                     raise ValueError(f"comparisons.{regime}: {arm!r} vs {base!r} names an unknown arm")
+        if self.sensitivity is not None:
+            values = self.grid.get(self.sensitivity)
+            if values is None:
+                raise ValueError(f"sensitivity: {self.sensitivity!r} is not a grid key {sorted(self.grid)}")
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"sensitivity: grid.{self.sensitivity} must hold numbers")
+        if self.curve and not self.sensitivity:
+            raise ValueError("curve: needs sensitivity (the curves are drawn at each arm's best value of it)")
         if not self.title:
             self.title = self.name
         if self.smoke:  # CI: the first value of every grid axis is enough to exercise the machinery

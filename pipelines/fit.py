@@ -4,6 +4,7 @@
     python -m pipelines.fit --config pipelines/configs/fit_tables.yaml data.name=letter \\
         'losses={sq: {name: squentropy}}'
     python -m pipelines.fit --config pipelines/configs/fit_tables.yaml --smoke            # what CI runs
+    python -m pipelines.fit --config pipelines/configs/prune_lenet.yaml                   # LOBSTER pruning
     ray job submit --working-dir . --runtime-env-json \\
         '{"env_vars": {"MLFLOW_TRACKING_URI": "sqlite:////abs/path/mlflow/mlflow.db"}}' \\
         -- python -m pipelines.fit --config pipelines/configs/fit_tables.yaml
@@ -20,6 +21,10 @@ single-score loss gets a model with one output. Logged: per-epoch train loss par
 metrics, then test accuracy, NLL, Brier, ECE (equal-width and equal-mass bins), the same after
 post-hoc temperature scaling fitted on the validation split (``test/ts/*``), a reliability diagram
 (``reliability.png``), the model (safetensors + model.json), its bytes and parameter count.
+``sparsity`` adds LOBSTER (or its plain-decay ablation) after every optimiser step and, with
+``sparsity.prune``, the official plateau -> rewind -> threshold pruning schedule
+(``pipelines/configs/prune_lenet.yaml``); logged: ``sparsity/remaining`` per epoch, every pruning event
+(``prune/*``), and the final remaining fraction and non-zero count.
 A run whose loss turns non-finite stops there, keeps the last finite epoch's weights and logs
 ``train/diverged_epoch``; test rows whose logits are still not finite score as uniform predictions.
 """
@@ -37,7 +42,7 @@ from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, Section, require_registered, run_cli
-from pipelines.core.training import ModelConfig, OptimConfig, loss_ensemble
+from pipelines.core.training import ModelConfig, OptimConfig, SparsityConfig, loss_ensemble
 
 
 class FitDataConfig(Section):
@@ -76,6 +81,7 @@ class FitConfig(JobConfig):
     # term -> {name: <loss registry name, default the term>, weight, <options>}
     losses: dict[str, dict[str, Any]] = Field(default_factory=_default_losses)
     train: FitOptimConfig = Field(default_factory=FitOptimConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)  # LOBSTER / decay + plateau pruning
     threads: int = Field(1, ge=1)  # torch threads = the CPUs a sweep trial reserves
     ece_bins: int = Field(10, ge=2)  # 10 equal-width bins, as the Squentropy author code
 
@@ -89,6 +95,8 @@ class FitConfig(JobConfig):
             raise ValueError("train.optimizer: dot optimises a distillation loss; use pipelines.distill")
         if self.train.stop_after_epochs:
             raise ValueError("train.stop_after_epochs: a fit run is not resumable; lower train.epochs")
+        if self.sparsity.prune and self.train.eval_every != 1:
+            raise ValueError("train.eval_every: pruning watches the validation loss every epoch; set it to 1")
         for key in DATA_KWARGS:
             if key in self.model.kwargs:
                 raise ValueError(f"model.kwargs.{key} comes from the dataset; remove it")
@@ -182,6 +190,7 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
 
     from pipelines.core.training import build_optimizer
     from tasks.common.registry import data_kwargs, get_model
+    from tasks.lobster import PruningSchedule, apply_masks, decay_step, lobster_step, masks_of, remaining
     from tasks.common.seeding import hash_seed, seed_everything
 
     torch.set_num_threads(cfg.threads)
@@ -194,6 +203,8 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
     batch = min(cfg.train.batch_size, n)  # a set smaller than one batch trains full-batch
     steps = n // batch
     opt, sched = build_optimizer(cfg.train, model.parameters(), cfg.train.epochs * steps)
+    sparse = cfg.sparsity
+    schedule = PruningSchedule(sparse.patience, sparse.tolerance, sparse.max_evals) if sparse.prune else None
     history: list[dict[str, float]] = []
     diverged = None
     last_good = copy.deepcopy(model.state_dict())
@@ -202,6 +213,7 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
         model.train()
         torch.manual_seed(hash_seed(cfg.seed, epoch))  # dropout and stochastic losses (EnsLoss draws)
         perm = torch.from_numpy(np.random.default_rng([cfg.seed, epoch]).permutation(n))
+        masks = masks_of(model) if schedule or sparse.regularizer != "none" else None  # zeros stay zeros
         sums: dict[str, float] = {}
         for step in range(steps):
             idx = perm[step * batch:(step + 1) * batch]
@@ -215,6 +227,12 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             opt.step()
             sched.step()
+            if sparse.regularizer == "lobster":
+                lobster_step(model, sparse.lmbda, masks)
+            elif sparse.regularizer == "decay":
+                decay_step(model, sparse.lmbda, masks)
+            elif masks is not None:
+                apply_masks(model, masks)  # momentum would otherwise revive pruned weights
             for k, v in parts.items():
                 sums[f"train/{k}"] = sums.get(f"train/{k}", 0.0) + v.item() / steps
         if diverged:
@@ -227,6 +245,16 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
         evaluated = (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs
         if evaluated:
             row.update({f"val/{k}": v for k, v in evaluate(model, data.val_x, data.val_y, cfg.ece_bins).items()})
+        if schedule or masks is not None:
+            nonzero, total = remaining(model)
+            row["sparsity/remaining"] = nonzero / total
+        if schedule:
+            event = schedule.epoch_end(model, row["val/nll"],
+                                       lambda m: evaluate(m, data.val_x, data.val_y, cfg.ece_bins)["nll"])
+            if event:
+                row.update({f"prune/{k}": v for k, v in event.items()})
+                print(f"[fit] epoch {epoch + 1}: plateau -> rewound and pruned at |p| < {event['threshold']:.3g}: "
+                      f"{event['remaining']:.2%} of the parameters remain (val nll {event['loss']:.4f})", flush=True)
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
         if report and evaluated:  # a Tune report is a round trip to the driver (~40 ms): not every epoch
@@ -279,6 +307,12 @@ def main(cfg: FitConfig, parent_run_id: str | None = None,
                  "temperature": temperature, "model/parameters": sum(p.numel() for p in model.parameters()),
                  "train/seconds": history[-1]["seconds"] if history else 0.0,
                  "train/diverged_epoch": float(diverged or 0)}
+        if cfg.sparsity.prune or cfg.sparsity.regularizer != "none":
+            from tasks.lobster import remaining
+
+            nonzero, total = remaining(model)
+            final.update({"sparsity/remaining": nonzero / total, "sparsity/nonzero": nonzero,
+                          "prune/events": float(sum(1 for h in history if "prune/remaining" in h))})
         with tempfile.TemporaryDirectory() as tmp:
             out = save_model(model, Path(tmp) / "model", cfg.model.name, kwargs, test_acc=test["acc"],
                              input={"kind": "table" if len(data.input_shape) == 1 else "image",

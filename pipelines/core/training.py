@@ -57,6 +57,18 @@ class OptimConfig(Section):
     stop_after_epochs: int | None = Field(None, ge=1)  # end the job early (a deliberate interruption)
 
 
+class SparsityConfig(Section):
+    """LOBSTER (tasks/lobster.py) or its plain-decay ablation, and the plateau -> rewind -> threshold
+    pruning schedule; the defaults are the official README's LeNet-5 settings."""
+
+    regularizer: Literal["none", "lobster", "decay"] = "none"
+    lmbda: float = Field(1e-4, ge=0)  # per optimiser step, not scaled by the LR (as the official code)
+    prune: bool = False  # prune at every validation-loss plateau (regularizer none: iterative magnitude pruning)
+    patience: int = Field(20, ge=1)  # pwe: epochs without a 1% improvement that make a plateau
+    tolerance: float = Field(0.05, ge=0)  # twt: a pruning step may raise the validation loss by this fraction
+    max_evals: int = Field(30, ge=3)  # validation passes per threshold search
+
+
 class ScalingConfig(Section):
     num_workers: int = Field(2, ge=1)  # Ray Train workers, one DeepSpeed rank each
     threads_per_worker: int = Field(1, ge=1)  # torch threads = CPUs reserved per worker

@@ -13,7 +13,8 @@ F = TypeVar("F", bound=Callable)
 
 # kind -> modules whose import registers entries of that kind
 _PROVIDERS: dict[str, tuple[str, ...]] = {
-    "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models", "tasks.legendretron"),
+    "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models", "tasks.legendretron",
+              "tasks.lenet"),
     "dataset": ("tasks.common.datasets", "tasks.common.text", "tasks.common.tables"),
     "loss": ("tasks.common.losses", "tasks.kd", "tasks.minimoe", "tasks.squentropy", "tasks.ensloss"),
 }

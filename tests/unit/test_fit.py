@@ -41,3 +41,28 @@ def test_single_score_losses_get_one_output_on_two_classes_only():
 
     with pytest.raises(ConfigError, match="need a two-class dataset"):
         model_outputs(config("losses={h: {name: hinge}}"), FitData.load(config().data, 0))
+
+
+def test_plateau_pruning_with_lobster_prunes_within_tolerance_and_keeps_zeros_zero():
+    cfg = load_config(FitConfig, "pipelines/configs/prune_lenet.yaml",
+                      ["data.name=iris", "model.name=mlp", "model.kwargs={hidden: [64, 64]}", "train.epochs=40",
+                       "train.lr=0.5", "train.batch_size=32", "sparsity.patience=3", "sparsity.lmbda=0.001"])
+    data = FitData.load(cfg.data, cfg.seed)
+    model, _, history, _ = train(cfg, data)
+    events = [h for h in history if "prune/remaining" in h]
+    assert events, "no plateau in 40 epochs"
+    first = events[0]
+    # the pruned model's validation loss stays within the tolerance of the rewound best
+    after = [h for h in history if h["epoch"] > first["epoch"]]
+    assert first["prune/remaining"] < 1.0 and all(h["sparsity/remaining"] <= first["prune/remaining"] for h in after)
+    from tasks.lobster import remaining
+
+    nonzero, total = remaining(model)
+    assert nonzero / total == pytest.approx(history[-1]["sparsity/remaining"])
+
+
+def test_pruning_needs_a_validation_loss_every_epoch():
+    from pipelines.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        load_config(FitConfig, BASE, ["sparsity.prune=true"])

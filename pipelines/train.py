@@ -23,9 +23,9 @@ from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import require_registered, run_cli
-from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, WorkerData,
+from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, SparsityConfig, WorkerData,
                                      build_optimizer, check_sections, ds_config, gather_state, log_model,
-                                     loss_ensemble, run_epochs, run_job, test_accuracy)
+                                     loss_ensemble, run_epochs, run_job, sparsity_step, test_accuracy)
 
 
 class TrainConfig(DeepSpeedJobConfig):
@@ -34,6 +34,9 @@ class TrainConfig(DeepSpeedJobConfig):
     # a loss ensemble by name, {term: {name: <registered loss>, weight, <options>}} (every part is
     # logged as train/loss/<term>); none: cross-entropy with train.label_smoothing
     losses: dict[str, dict[str, Any]] | None = None
+    # LOBSTER (or plain decay) after every engine step, on ZeRO 0-2 (tasks/lobster.py); the pruning
+    # schedule (sparsity.prune) runs in pipelines.fit
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
 
     SMOKE: ClassVar[dict[str, Any]] = {
         "data.limit_train": 512, "data.limit_eval": 256, "train.epochs": 2, "train.batch_size": 64,
@@ -50,6 +53,12 @@ class TrainConfig(DeepSpeedJobConfig):
         if self.losses is not None and self.train.label_smoothing:
             raise ValueError("train.label_smoothing: with losses, set it on the loss term instead "
                              "(losses.<term>.label_smoothing of a cross_entropy term)")
+        if self.sparsity.prune:
+            raise ValueError("sparsity.prune: the plateau pruning schedule runs in pipelines.fit "
+                             "(pipelines/configs/prune_lenet.yaml); the train job applies the regulariser")
+        if self.sparsity.regularizer != "none" and self.scaling.zero_stage == 3:
+            raise ValueError("sparsity.regularizer: needs every rank to hold whole parameters; use "
+                             "scaling.zero_stage 0, 1 or 2")
         return self
 
 
@@ -88,6 +97,7 @@ def train_loop(config: dict[str, Any]) -> None:
         engine.module.to(memory_format=torch.channels_last)
 
     ensemble = loss_ensemble(cfg.losses) if cfg.losses else None
+    regularize = sparsity_step(engine, cfg.sparsity) if cfg.sparsity.regularizer != "none" else None
 
     def train_step(_, x, y):
         logits = engine(x)
@@ -96,7 +106,11 @@ def train_loop(config: dict[str, Any]) -> None:
         else:
             parts = {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)}
         engine.backward(parts["loss"])
+        if regularize:
+            regularize.before_step()
         engine.step()
+        if regularize:
+            regularize.after_step()
         return logits.detach(), {k: v.item() for k, v in parts.items()}
 
     if not run_epochs(engine, cfg=cfg, data=data, train_step=train_step, log=log, job="train",

@@ -212,6 +212,47 @@ def load_checkpoint(engine) -> int:
     return client["epoch"] + 1
 
 
+class sparsity_step:
+    """LOBSTER / plain decay on a DeepSpeed engine (ZeRO 0-2), identical on every rank.
+
+    ``before_step`` (after engine.backward) takes each regularised parameter's full gradient: under
+    ZeRO-0 that is p.grad, already all-reduced; under ZeRO 1-2 DeepSpeed assembles it from the
+    reduced partitions (``safe_get_full_grad``, a collective). engine.step() then zeroes them.
+    ``after_step`` shrinks the full parameter and writes it to both copies that exist: the module's
+    (what the next forward uses) and, under ZeRO 1-2, the optimizer's fp32 master partition (what
+    the next step updates; ``safe_set_full_fp32_param``). The train job does not prune, so there are
+    no masks to keep: pruning with its schedule runs in pipelines.fit."""
+
+    def __init__(self, engine, cfg: SparsityConfig):
+        from tasks.lobster import regularised
+
+        self.cfg = cfg
+        self.params = list(regularised(engine.module))
+        self.grads: dict[str, Any] = {}
+
+    def before_step(self) -> None:
+        from deepspeed.utils import safe_get_full_grad
+
+        if self.cfg.regularizer == "lobster":
+            self.grads = {name: safe_get_full_grad(p).detach().clone() for name, p in self.params}
+
+    def after_step(self) -> None:
+        import torch
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for name, p in self.params:
+                master = safe_get_full_fp32_param(p)  # None under ZeRO-0: the optimizer owns p itself
+                w = p.data if master is None else master
+                if self.cfg.regularizer == "lobster":
+                    new = w - self.cfg.lmbda * w * (1.0 - self.grads[name].abs()).clamp_min(0.0)
+                else:
+                    new = w - self.cfg.lmbda * w
+                if master is not None:
+                    safe_set_full_fp32_param(p, new)
+                p.data.copy_(new.to(p.dtype))
+
+
 def all_sum(*values: float) -> list[float]:
     import torch
     import torch.distributed as dist

@@ -1,5 +1,8 @@
 """Model files without pickle: weights as safetensors plus ``model.json`` naming the registry entry.
 
+A Deep-Compression artifact (``"format": "deep_compression"`` in model.json) holds ``model.sqdc``
+instead of safetensors (tasks/deep_compression.py); ``load_model`` reads either.
+
 ``model.json`` holds ``{"model": <registry name>, "kwargs": {...}, "input": {...}, ...}``; loading
 rebuilds the module from the registry and fills it from the safetensors file, so no code is ever
 deserialised. The ``input`` block tells a server how to turn raw pixels into the tensor the model
@@ -45,6 +48,10 @@ def load_model(directory: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the module named in ``model.json`` and load its weights; returns (model in eval mode, spec)."""
     directory = Path(directory)
     spec = read_spec(directory)
+    if spec.get("format") == "deep_compression":  # pruned + shared + Huffman-coded: model.sqdc
+        from tasks.deep_compression import load_compressed  # imports this module: import it late
+
+        return load_compressed(directory)
     model = get_model(spec["model"], **spec["kwargs"])
     model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=True)
     return model.eval(), spec

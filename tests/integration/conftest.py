@@ -26,7 +26,9 @@ def zero_runs(cluster):
     # NHWC parameters are a ZeRO-0 option (the shipped config's default)
     # ZeRO-3 registers its model: the serve tests load it by alias, as users do
     # ZeRO-1 trains with a registered loss other than cross-entropy (squentropy)
-    extra = {1: ["losses={sq: {name: squentropy}}"], 3: ["register_as=squeezenet-fashion"]}
+    # ZeRO-2 trains with LOBSTER: full gradients assembled from partitions, master weights written back
+    extra = {1: ["losses={sq: {name: squentropy}}"], 2: ["sparsity.regularizer=lobster", "sparsity.lmbda=0.001"],
+             3: ["register_as=squeezenet-fashion"]}
     return {stage: train(cluster, f"zero{stage}", f"scaling.zero_stage={stage}",
                          f"scaling.channels_last={str(stage == 0).lower()}", *extra.get(stage, []))[0]
             for stage in (0, 1, 2, 3)}

@@ -29,6 +29,8 @@ def test_each_zero_stage_learns_and_ends_with_identical_ranks(zero_runs, mlflow_
     assert {"config.yaml", "rank_digests.json", "model/model.safetensors", "model/model.json"} <= files
     # a loss by name trains under DeepSpeed too, its parts logged (ZeRO-1 runs squentropy)
     assert ("train/loss/sq" in run.data.metrics) == (stage == 1)
+    # LOBSTER under ZeRO-2 (partitioned gradients and master weights) keeps the ranks identical too
+    assert (run.data.params["sparsity.regularizer"] == "lobster") == (stage == 2)
 
 
 def test_logged_model_reloads_and_reproduces_the_accuracy(zero_runs, mlflow_client):
@@ -79,6 +81,7 @@ def _runs(client):
     ("scaling.zero_stage=5", "scaling.zero_stage: Input should be less than or equal to 3"),
     ("model.name=resnet", "model.name: unknown model 'resnet'"),
     ("scaling.num_workers=4", "scaling.num_workers: needs 4 CPUs but the Ray cluster has 2"),
+    ("sparsity.prune=true", "sparsity.prune: the plateau pruning schedule runs in pipelines.fit"),
 ])
 def test_config_errors_exit_2_naming_the_key_and_run_nothing(cluster, mlflow_client, zero_runs, override, message):
     before = len(_runs(mlflow_client))

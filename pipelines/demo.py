@@ -1,13 +1,14 @@
-"""The whole squeeze on one box: train with Ray Train + DeepSpeed, serve with Ray Serve, measure.
+"""The whole squeeze on one box: train with Ray Train + DeepSpeed, compress, serve with Ray Serve, measure.
 
-    python -m pipelines.demo                 # what `make demo` runs (~10 min on 2 cores)
-    python -m pipelines.demo --smoke         # a minute-long version on tiny data
+    python -m pipelines.demo                 # what `make demo` runs (~13 min on 2 cores)
+    python -m pipelines.demo --smoke         # a two-minute version on tiny data
 
 Trains SqueezeNet v1.1 on Fashion-MNIST with 2 DeepSpeed workers (pipelines/configs/
-squeezenet_fashion.yaml), reloads the logged model from MLflow and scores the test set offline,
-deploys the same MLflow artifact with Ray Serve, sends the real test images through the HTTP
-endpoint, and prints accuracy offline vs through the endpoint, the model's bytes on disk and the
-per-request latency (p50/p95), then the command that opens the MLflow UI on the run.
+squeezenet_fashion.yaml), compresses the logged model with Deep Compression (pruning, weight sharing,
+Huffman coding: pipelines/configs/compress_squeezenet.yaml), and for the dense and the compressed
+model each: reloads it from MLflow and scores the test set offline, deploys the same MLflow artifact
+with Ray Serve, sends the real test images through the HTTP endpoint, and times single-image
+requests. Prints a size / accuracy / latency table, then the command that opens the MLflow UI.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ TARGET_ACC = 0.88  # the backbone's promise for the full demo
 class DemoConfig(JobConfig):
     train_config: str = "pipelines/configs/squeezenet_fashion.yaml"
     train_overrides: list[str] = Field(default_factory=list)  # dotted overrides for the train job
+    compress_config: str | None = "pipelines/configs/compress_squeezenet.yaml"  # null: skip compression
+    compress_overrides: list[str] = Field(default_factory=list)
     smoke_train: bool = False  # train with the job's --smoke settings
     eval_limit: int | None = Field(None, gt=0)  # score only the first N test images
     latency_requests: int = Field(500, ge=1)  # single-image requests timed one after another
@@ -52,28 +55,36 @@ def main(cfg: DemoConfig) -> dict[str, Any]:
     train_cfg = load_config(train.TrainConfig, cfg.train_config, cfg.train_overrides, smoke=cfg.smoke_train)
     run_id = train.main(train_cfg)
     t_train = time.perf_counter() - t_start
+    uris = {"dense": f"runs:/{run_id}"}
+    if cfg.compress_config:
+        from pipelines import compress
 
-    print("[demo] reloading the logged model from MLflow and scoring the test set offline", flush=True)
-    model, spec, local = tracking.load_logged_model(f"runs:/{run_id}")
+        print("[demo] compressing the trained model (prune, share weights, Huffman-code)", flush=True)
+        compress_cfg = load_config(compress.CompressConfig, cfg.compress_config,
+                                   [f"source=runs:/{run_id}", *cfg.compress_overrides], smoke=cfg.smoke_train)
+        uris["compressed"] = f"runs:/{compress.main(compress_cfg)}"
+
     data = load_dataset(train_cfg.data.name, seed=train_cfg.seed, val_fraction=train_cfg.data.val_fraction)
     test_x, test_y = data.test_x[: cfg.eval_limit], data.test_y[: cfg.eval_limit]
-    offline = predict_labels(model, test_x, spec["input"]["mean"], spec["input"]["std"])
-    offline_acc = float((offline == test_y).mean())
-    size = artifact_bytes(local)
+    models = {}
+    for label, uri in uris.items():
+        print(f"[demo] {label}: reloading {uri} from MLflow, scoring offline, then through Ray Serve", flush=True)
+        model, spec, local = tracking.load_logged_model(uri)
+        offline = predict_labels(model, test_x, spec["input"]["mean"], spec["input"]["std"])
+        url = serving.deploy(serving.ServeConfig(model_uri=uri, port=cfg.port, block=False,
+                                                 max_images=cfg.batch_images))
+        try:
+            endpoint_acc = float((serving.endpoint_labels(url, test_x[:, 0], cfg.batch_images) == test_y).mean())
+            latencies = serving.request_latencies(url, test_x[:, 0], cfg.latency_requests)
+        finally:
+            serve.shutdown()
+        models[label] = {"uri": uri, "offline_acc": float((offline == test_y).mean()), "endpoint_acc": endpoint_acc,
+                         "model_bytes": artifact_bytes(local), "p50_ms": percentile_ms(latencies, 50),
+                         "p95_ms": percentile_ms(latencies, 95)}
 
-    print("[demo] deploying the model with Ray Serve", flush=True)
-    url = serving.deploy(serving.ServeConfig(model_uri=f"runs:/{run_id}", port=cfg.port, block=False,
-                                             max_images=cfg.batch_images))
-    try:
-        endpoint_acc = float((serving.endpoint_labels(url, test_x[:, 0], cfg.batch_images) == test_y).mean())
-        latencies = serving.request_latencies(url, test_x[:, 0], cfg.latency_requests)
-    finally:
-        serve.shutdown()
-
-    summary = {"run_id": run_id, "test_images": len(test_y), "offline_acc": offline_acc,
-               "endpoint_acc": endpoint_acc, "model_bytes": size, "p50_ms": percentile_ms(latencies, 50),
-               "p95_ms": percentile_ms(latencies, 95), "train_s": t_train,
-               "total_s": time.perf_counter() - t_start, "dataset": data.name, "synthetic": data.synthetic}
+    summary = {"run_id": run_id, "test_images": len(test_y), **models["dense"], "models": models,
+               "train_s": t_train, "total_s": time.perf_counter() - t_start, "dataset": data.name,
+               "synthetic": data.synthetic}
     _log(summary, run_id, train_cfg.experiment)
     _print(summary, smoke=cfg.smoke_train)
     return summary
@@ -84,31 +95,40 @@ def _log(summary: dict[str, Any], run_id: str, experiment: str) -> None:
 
     tracking.setup(experiment)
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"demo/offline_acc": summary["offline_acc"], "demo/endpoint_acc": summary["endpoint_acc"],
-                            "serve/p50_ms": summary["p50_ms"], "serve/p95_ms": summary["p95_ms"],
-                            "model/bytes_on_disk": summary["model_bytes"], "demo/total_s": summary["total_s"]})
+        metrics = {"demo/offline_acc": summary["offline_acc"], "demo/endpoint_acc": summary["endpoint_acc"],
+                   "serve/p50_ms": summary["p50_ms"], "serve/p95_ms": summary["p95_ms"],
+                   "model/bytes_on_disk": summary["model_bytes"], "demo/total_s": summary["total_s"]}
+        for label, m in summary["models"].items():
+            if label != "dense":
+                metrics.update({f"demo/{label}/{k}": v for k, v in m.items() if k != "uri"})
+        mlflow.log_metrics(metrics)
         mlflow.log_dict(summary, "demo_summary.json")
 
 
 def _print(s: dict[str, Any], smoke: bool) -> None:
-    rows = [("test images", f"{s['test_images']:,} ({s['dataset']}, {'synthetic' if s['synthetic'] else 'real'})"),
-            ("accuracy, offline (model reloaded from MLflow)", f"{s['offline_acc']:.4f}"),
-            ("accuracy, through the HTTP endpoint", f"{s['endpoint_acc']:.4f}"),
-            ("model bytes on disk (safetensors + model.json)", f"{s['model_bytes']:,}"),
-            ("latency per 1-image request, p50 / p95", f"{s['p50_ms']:.1f} / {s['p95_ms']:.1f} ms"),
-            ("training wall time", f"{s['train_s']:.0f} s"),
-            ("demo wall time", f"{s['total_s']:.0f} s")]
+    models = s["models"]
+    head = ["", *models]
+    rows = [("test accuracy, offline (reloaded from MLflow)", [f"{m['offline_acc']:.4f}" for m in models.values()]),
+            ("test accuracy, through the HTTP endpoint", [f"{m['endpoint_acc']:.4f}" for m in models.values()]),
+            ("bytes on disk (the served artifact)", [f"{m['model_bytes']:,}" for m in models.values()]),
+            ("size vs dense", [f"{models['dense']['model_bytes'] / m['model_bytes']:.1f}x" for m in models.values()]),
+            ("latency per 1-image request, p50 / p95", [f"{m['p50_ms']:.1f} / {m['p95_ms']:.1f} ms"
+                                                        for m in models.values()])]
     width = max(len(k) for k, _ in rows)
-    print("\n" + "=" * (width + 30))
-    print("squeezelab demo: SqueezeNet v1.1 on Fashion-MNIST, Ray Train + DeepSpeed -> MLflow -> Ray Serve")
-    print("=" * (width + 30))
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print("\n" + "=" * (width + 40))
+    print("squeezelab demo: SqueezeNet v1.1 on Fashion-MNIST, Ray Train + DeepSpeed -> Deep Compression -> "
+          "MLflow -> Ray Serve")
+    print(f"{s['test_images']:,} test images ({s['dataset']}, {'synthetic' if s['synthetic'] else 'real'}); "
+          f"training {s['train_s']:.0f} s, demo {s['total_s']:.0f} s")
+    print("=" * (width + 40))
+    print(f"{head[0]:<{width}}  " + "  ".join(f"{h:>18}" for h in head[1:]))
+    for k, values in rows:
+        print(f"{k:<{width}}  " + "  ".join(f"{v:>18}" for v in values))
     if not smoke:
         verdict = "met" if s["endpoint_acc"] >= TARGET_ACC else "NOT met"
-        print(f"{'target: test accuracy >= 0.88':<{width}}  {verdict}")
+        print(f"{'target: dense test accuracy >= 0.88':<{width}}  {verdict}")
     uri = tracking.tracking_uri()
-    print(f"\nReview the run ({s['run_id']}) in the MLflow UI:\n"
+    print(f"\nReview the runs in the MLflow UI (training run {s['run_id']}):\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000    (or: make mlflow-ui)\n")
 
 

@@ -32,7 +32,15 @@ def _runs(parent: str) -> list[Any]:
 def _fmt(x: float, digits: int = 4) -> str:
     if x is None or math.isnan(x):
         return "n/a"
-    return f"{x:,.0f}" if float(x).is_integer() and abs(x) >= 1000 else f"{x:.{digits}f}"
+    if abs(x) >= 1000:  # bytes, counts: thousands separators, and no spurious digits on a mean of integers
+        return f"{x:,.0f}" if float(x).is_integer() else f"{x:,.1f}"
+    return f"{x:.{digits}f}"
+
+
+def _signed(x: float) -> str:
+    """A difference with its sign, formatted like ``_fmt``."""
+    text = _fmt(x)
+    return text if text == "n/a" or text.startswith("-") else f"+{text}"
 
 
 def _p(x: float) -> str:
@@ -54,7 +62,7 @@ def table(values: dict[str, dict[int, float]], pairs: dict[str, str], metric: st
         common = [k for k in seeds if k in values.get(base, {})]
         r = paired([values[base][k] for k in common], [values[arm][k] for k in common]) if common else None
         lines.append(f"| {arm} | {len(seeds)} | {_fmt(m)} ± {_fmt(s)} | {base} | "
-                     + (f"{r.mean_diff:+.4f} ± {_fmt(r.std_diff)} | {_p(r.p_value)} | {r.wins} / {r.losses} |"
+                     + (f"{_signed(r.mean_diff)} ± {_fmt(r.std_diff)} | {_p(r.p_value)} | {r.wins} / {r.losses} |"
                         if r else "n/a | n/a | n/a |"))
     return lines
 
@@ -139,7 +147,7 @@ def summary_table(values: dict[str, dict[str, dict[int, float]]], cells: list[st
             r = paired([base[k] for k in common], [mine[k] for k in common])
             significant = r.p_value < 0.05  # nan compares False
             star = "**" if significant else ""
-            row.append(f" {star}{r.mean_diff:+.4f}{star} ({_p(r.p_value)}) |")
+            row.append(f" {star}{_signed(r.mean_diff)}{star} ({_p(r.p_value)}) |")
             counts[a, b][0 if significant and r.mean_diff > 0 else 2 if significant else 1] += 1
         lines.append("".join(row))
     lines.append("| higher / no difference / lower (p < 0.05) |" + " |" * len(bases)
@@ -271,7 +279,7 @@ def sensitivity_table(values: dict[str, dict[str, dict[int, float]]], points: li
             common = sorted(set(mine) & set(theirs))
             r = paired([theirs[k] for k in common], [mine[k] for k in common]) if common else None
             star = "**" if r and r.p_value < 0.05 else ""
-            row += (f" {base} | {star}{r.mean_diff:+.4f}{star} ({_p(r.p_value)}) |" if r else f" {base} | n/a |")
+            row += (f" {base} | {star}{_signed(r.mean_diff)}{star} ({_p(r.p_value)}) |" if r else f" {base} | n/a |")
         else:
             row += " | |"
         lines.append(row + f" {_fmt(best[0])} | {best[1]:g} |")

@@ -32,3 +32,13 @@ def test_curves_at_shared_steps_stay_and_episode_curves_are_binned_forward_fille
                                           ("return/final", False), ("value/diverged", True)])
 def test_metric_direction(metric, lower):
     assert metric_lower_is_better(metric) is lower
+
+
+def test_large_numbers_get_separators_whether_or_not_they_are_whole():
+    from pipelines.report import _fmt
+
+    assert _fmt(387480.0) == "387,480" and _fmt(495144.8) == "495,144.8" and _fmt(0.91234) == "0.9123"
+    assert _fmt(float("nan")) == "n/a"
+    from pipelines.report import _signed
+
+    assert _signed(-107665.2) == "-107,665.2" and _signed(0.0123) == "+0.0123" and _signed(0.0) == "+0.0000"

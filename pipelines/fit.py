@@ -263,15 +263,7 @@ def train(cfg: FitConfig, data: FitData, report: Callable[[dict[str, float]], No
 
 
 def _log_history(history: list[dict[str, float]]) -> None:
-    import mlflow
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    rows = [Metric(k, float(v), now, int(h["epoch"])) for h in history for k, v in h.items() if k != "epoch"]
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    for i in range(0, len(rows), 1000):  # one write per 1000 points: trials share a SQLite store
-        client.log_batch(run_id, metrics=rows[i:i + 1000])
+    tracking.log_points((k, v, h["epoch"]) for h in history for k, v in h.items() if k != "epoch")
 
 
 def main(cfg: FitConfig, parent_run_id: str | None = None,

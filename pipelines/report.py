@@ -390,8 +390,9 @@ def write(parent: str, claim) -> Path:
         if claim.curve:
             png = best_curves(values[claim.metric], ids, claim, results / f"{stem}-curves.png")
             lines += [f"![learning curves]({png.name})", ""]
-        for group, points in _sensitivity_groups(claim).items():
-            if len(_sensitivity_groups(claim)) > 1:
+        groups = _sensitivity_groups(claim)
+        for group, points in groups.items():
+            if len(groups) > 1:
                 lines += [f"### {group}", ""]
             for m in metrics:
                 lines += [f"**{m}**", ""] + sensitivity_table(values[m], points, pairs_of(claim), list(claim.arms),

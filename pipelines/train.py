@@ -23,9 +23,9 @@ from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import require_registered, run_cli
-from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, SparsityConfig, WorkerData,
-                                     build_optimizer, check_sections, ds_config, gather_state, log_model,
-                                     loss_ensemble, run_epochs, run_job, sparsity_step, test_accuracy)
+from pipelines.core.training import (DeepSpeedJobConfig, ModelConfig, OptimConfig, SparsityConfig, SparsityStep,
+                                     WorkerData, build_optimizer, check_sections, ds_config, gather_state,
+                                     log_model, loss_ensemble, run_epochs, run_job, test_accuracy)
 
 
 class TrainConfig(DeepSpeedJobConfig):
@@ -97,7 +97,7 @@ def train_loop(config: dict[str, Any]) -> None:
         engine.module.to(memory_format=torch.channels_last)
 
     ensemble = loss_ensemble(cfg.losses) if cfg.losses else None
-    regularize = sparsity_step(engine, cfg.sparsity) if cfg.sparsity.regularizer != "none" else None
+    regularize = SparsityStep(engine, cfg.sparsity) if cfg.sparsity.regularizer != "none" else None
 
     def train_step(_, x, y):
         logits = engine(x)

@@ -112,14 +112,7 @@ def _mdp(env: ValueEnvConfig):
 
 
 def _log_series(key: str, steps, values) -> None:
-    import mlflow
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    rows = [Metric(key, float(v), now, int(s)) for s, v in zip(steps, values)]
-    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
-    for i in range(0, len(rows), 1000):  # one write per 1000 points: trials share a SQLite store
-        client.log_batch(run_id, metrics=rows[i:i + 1000])
+    tracking.log_points((key, v, s) for s, v in zip(steps, values))
 
 
 def predict(cfg: ValueConfig) -> dict[str, float]:

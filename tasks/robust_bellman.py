@@ -67,7 +67,10 @@ def psi(h, loss: str, tau: float = 1.0, smooth: bool = True):
     by default). Works on floats, numpy arrays and torch tensors."""
     if loss == "squared":
         return h
-    mod = np if isinstance(h, (float, int, np.ndarray, np.floating)) else __import__("torch")
+    if isinstance(h, (float, int, np.ndarray, np.floating)):
+        mod = np
+    else:  # a torch tensor (the control learners); torch is imported only when one is passed
+        import torch as mod
     if loss == "huber":
         return tau * mod.tanh(h / tau) if smooth else mod.clip(h, -tau, tau)
     if loss == "absolute":

@@ -153,6 +153,21 @@ class RunLogger:
         self.client.log_text(self.run_id, text, artifact_file)
 
 
+def log_points(points) -> None:
+    """Log (key, value, step) points to the active run, 1,000 per write: sweep trials share one SQLite
+    store, and a write per point would serialise them on its lock."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mlflow = _mlflow()
+    now = int(time.time() * 1000)
+    rows = [Metric(k, float(v), now, int(step)) for k, v, step in points]
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    for i in range(0, len(rows), 1000):
+        client.log_batch(run_id, metrics=rows[i:i + 1000])
+
+
 def resolve_model_uri(model_uri: str) -> str:
     """``runs:/<id>`` | ``runs:/<id>/model`` | ``models:/<name>@<alias>`` | ``models:/<name>/<version>``
     -> the artifact URI of the model directory."""

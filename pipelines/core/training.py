@@ -212,7 +212,7 @@ def load_checkpoint(engine) -> int:
     return client["epoch"] + 1
 
 
-class sparsity_step:
+class SparsityStep:
     """LOBSTER / plain decay on a DeepSpeed engine (ZeRO 0-2), identical on every rank.
 
     ``before_step`` (after engine.backward) takes each regularised parameter's full gradient: under

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -40,14 +40,24 @@ data: $(STAMP)
 demo: setup
 	$(BIN)/python -m pipelines.demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
 
-test-integration: setup
+test-integration: setup browser
 	$(BIN)/python -m pytest tests/integration
+
+# Debian's Chromium for the MLflow UI test (tests/integration/test_mlflow_server.py), driven by
+# Playwright with executable_path=/usr/bin/chromium (Playwright's own browser download is not reachable)
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" != 0 ]; then \
+	    echo "make browser: /usr/bin/chromium is missing and installing it needs root:" \
+	         "sudo apt-get install -y --no-install-recommends chromium" >&2; exit 1; fi; \
+	  echo "installing Debian chromium (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
@@ -88,6 +98,7 @@ claims-value: claim-robust_bellman claim-robust_bellman_control
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
+# MLFLOW_AUTH=1: MLflow's basic-auth app (MLFLOW_AUTH_ADMIN_PASSWORD on first start); see mlflow/README.md
 mlflow-server: setup
 	bash mlflow/server.sh
 

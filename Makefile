@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -66,6 +66,11 @@ bench: setup
 # python -m pipelines.distill --config pipelines/configs/distill_fashion.yaml)
 bench-distill: setup
 	$(BIN)/python benchmarks/serve_latency.py
+
+# node-loss drill on a real 2-node Ray cluster on this machine (head + worker as separate `ray start`):
+# the worker node is SIGKILLed mid-training, the job resumes from its checkpoint -> docs/results/failover.md (~6 min)
+drill-failover: setup
+	$(BIN)/python benchmarks/failover.py
 
 # ranking generative models from samples only: black-box proper losses vs a plug-in score (numpy, ~1 min)
 bench-proper-losses: setup

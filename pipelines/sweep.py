@@ -28,13 +28,13 @@ import importlib
 import itertools
 import json
 import time
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, load_config, run_cli
+from pipelines.core.training import default_storage
 
 # job -> its config class; a sweep can run any of them
 JOBS = {"train": "TrainConfig", "distill": "DistillConfig", "fit": "FitConfig", "value": "ValueConfig",
@@ -199,7 +199,7 @@ def main(sweep: SweepConfig) -> str:
             # not per trial (a few seconds each against runs that may take one second)
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=sweep.job in IN_PROCESS),
             run_config=tune.RunConfig(name=f"sweep-{sweep.name}-{stamp}", verbose=1,
-                                      storage_path=str(Path.home() / "ray_results")),
+                                      storage_path=default_storage()),
         )
         results = tuner.fit()
         import mlflow

@@ -28,8 +28,8 @@ def free_port() -> int:
 class Cluster:
     """A `ray start --head` cluster plus the environment a job on it needs."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, num_cpus: int = 2):
+        self.root, self.num_cpus = root, num_cpus
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
@@ -49,10 +49,17 @@ class Cluster:
                        check=True, capture_output=True)
         # the cluster's own processes do not know the store: jobs must bring it (runtime_env / driver env)
         bare = {k: v for k, v in self.env.items() if k != "MLFLOW_TRACKING_URI"}
-        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", "--num-cpus=2",
+        subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={self.gcs_port}", f"--num-cpus={self.num_cpus}",
                         f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                        # ports every Ray node would otherwise take by default (52365, 10001): free
+                        # ones, so that a second cluster or node on this machine can start beside it
+                        *self.node_ports(), f"--ray-client-server-port={free_port()}",
                         "--include-dashboard=true", f"--temp-dir={temp}", "--disable-usage-stats"],
                        env=bare, check=True, capture_output=True, timeout=180)
+
+    @staticmethod
+    def node_ports() -> list[str]:
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
     def stop(self) -> None:
         # `ray stop` would end every Ray on the machine (a demo running beside the tests, say):
@@ -75,10 +82,31 @@ class Cluster:
                 p.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(mine, timeout=30)
-        for p in alive:
+        # the GCS server and the autoscaler monitor linger ~30 s after SIGTERM; a test cluster's
+        # state is thrown away, so they get 5 s before SIGKILL
+        for p in self._running(mine, timeout=5):
             p.kill()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+    @staticmethod
+    def _running(procs, timeout: float):
+        """Those of ``procs`` still running after ``timeout`` s. A zombie counts as ended: the
+        processes of a killed node are not our children, and a container whose PID 1 does not reap
+        orphans keeps them as zombies for good (psutil.wait_procs would wait out its timeout)."""
+        import psutil
+
+        end = time.time() + timeout
+        while True:
+            left = []
+            for p in procs:
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        left.append(p)
+                except psutil.NoSuchProcess:
+                    pass
+            if not left or time.time() > end:
+                return left
+            time.sleep(0.2)
 
     def job(self, module: str, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
         """Run ``python -m pipelines.<module> ...`` as a user would, against this cluster."""

@@ -36,10 +36,27 @@ def ensure_ray(tracking_uri: str | None = None) -> None:
     ray.init(runtime_env={"env_vars": env}, log_to_driver=True, logging_level="WARNING")
 
 
+def capacity(have: float, ceiling: str) -> float:
+    """The CPUs a cluster can reach: what it has, or the declared autoscaling ceiling if higher."""
+    try:
+        return max(have, float(ceiling))
+    except ValueError:  # unset or not a number: no autoscaling promise
+        return have
+
+
 def require_cpus(needed: float, what: str) -> None:
-    """Fail before starting when the cluster can never fit the job (Ray would wait forever)."""
+    """Fail before starting when the cluster can never fit the job (Ray would wait forever).
+
+    An autoscaling cluster may have no CPUs until a job asks: the cluster files in clusters/
+    declare their ceiling in ``SQUEEZELAB_MAX_CPUS``, and a job that fits under it may wait for
+    the autoscaler instead of failing."""
     import ray
 
     have = ray.cluster_resources().get("CPU", 0)
+    can = capacity(have, os.environ.get("SQUEEZELAB_MAX_CPUS", ""))
+    if needed > can:
+        grow = f" and can grow to {can:g} (SQUEEZELAB_MAX_CPUS)" if can > have else ""
+        raise ConfigError(f"{what}: needs {needed:g} CPUs but the Ray cluster has {have:g}{grow}")
     if needed > have:
-        raise ConfigError(f"{what}: needs {needed:g} CPUs but the Ray cluster has {have:g}")
+        print(f"[ray] {what}: needs {needed:g} CPUs, the cluster has {have:g} now; waiting for the "
+              f"autoscaler (ceiling {can:g})", flush=True)

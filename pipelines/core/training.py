@@ -74,7 +74,12 @@ class ScalingConfig(Section):
     threads_per_worker: int = Field(1, ge=1)  # torch threads = CPUs reserved per worker
     zero_stage: int = Field(2, ge=0, le=3)  # DeepSpeed ZeRO stage
     max_failures: int = Field(1, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
-    storage_path: str | None = None  # Ray Train storage (checkpoints); shared storage on multi-node
+    # Ray Train storage (checkpoints): a path or URI every node reaches (s3://, gs://, an NFS mount) on
+    # a multi-node cluster; unset: $SQUEEZELAB_STORAGE (clusters/ sets it), else ~/ray_results
+    storage_path: str | None = None
+    # how the workers' bundles are placed over nodes (Ray placement-group strategies): SPREAD puts
+    # ranks on different nodes where it can, and a restart after a node loss packs them on the rest
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     keep_checkpoints: int = Field(2, ge=1)
     # fault drill: the last rank raises once right after this epoch's checkpoint, so that
     # FailureConfig restarts the worker group from it (tests and cluster checks use it)
@@ -377,6 +382,12 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
     micro = cfg.train.batch_size // world
     steps = len(data.train_x) // cfg.train.batch_size
     start_epoch = load_checkpoint(engine)
+    # where the ranks run: after a node loss the restarted group may sit on fewer nodes
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if log:
+        print(f"[{job}] {world} ranks on {len(set(nodes))} Ray node(s): "
+              + ", ".join(f"rank {r} node {n[:8]}" for r, n in enumerate(nodes)), flush=True)
     if start_epoch and log:
         print(f"[{job}] resumed from epoch {start_epoch} checkpoint (global step {engine.global_steps})",
               flush=True)
@@ -424,9 +435,8 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
                   flush=True)
         save_checkpoint(engine, epoch, metrics)
         if cfg.scaling.inject_failure_after_epoch == epoch + 1 and rank == world - 1:
-            marker = Path(loop_config["state_dir"]) / f"failure_injected_after_epoch_{epoch + 1}"
-            if not marker.exists():  # once: the restarted group must get past this point
-                marker.touch()
+            # once: the restarted group must get past this point
+            if RunRecord(loop_config["storage"], loop_config["run_name"]).first(f"failure_after_epoch_{epoch + 1}"):
                 raise RuntimeError(f"injected failure after epoch {epoch + 1} "
                                    "(scaling.inject_failure_after_epoch)")
         if cfg.train.stop_after_epochs and epoch + 1 >= cfg.train.stop_after_epochs:
@@ -472,13 +482,55 @@ def log_model(log, model, name: str, kwargs: dict[str, Any], data: WorkerData, d
 # driver side
 
 
-def state_file(storage: str, name: str) -> Path:
-    """Where a job records its MLflow run id, so a re-run with the same name reopens that run."""
-    return Path(storage).expanduser() / name / "squeezelab_run.json"
+def default_storage(storage_path: str | None = None) -> str:
+    """Ray's storage for a job: the config's, else the cluster's shared ``$SQUEEZELAB_STORAGE``,
+    else ``~/ray_results`` (one machine)."""
+    import os
+
+    return storage_path or os.environ.get("SQUEEZELAB_STORAGE") or str(Path.home() / "ray_results")
 
 
-def default_storage(scaling: ScalingConfig) -> str:
-    return scaling.storage_path or str(Path.home() / "ray_results")
+class RunRecord:
+    """The MLflow run id a job records beside its Ray Train checkpoints, so that a re-run with the
+    same name reopens that run. Read and written through pyarrow's filesystems, as Ray Train's own
+    storage is, so it works on a local path, an NFS mount and s3:// or gs:// alike."""
+
+    def __init__(self, storage: str, name: str):
+        import pyarrow.fs
+
+        if "://" not in storage:
+            storage = str(Path(storage).expanduser().resolve())
+        self.fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        self.dir = f"{root.rstrip('/')}/{name}"
+        self.path = f"{self.dir}/squeezelab_run.json"
+
+    def read(self) -> str | None:
+        import json
+        import pyarrow.fs
+
+        if self.fs.get_file_info(self.path).type == pyarrow.fs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(self.path) as f:
+            return json.loads(f.read())["mlflow_run_id"]
+
+    def write(self, run_id: str) -> None:
+        import json
+
+        self.fs.create_dir(self.dir, recursive=True)
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps({"mlflow_run_id": run_id}).encode())
+
+    def first(self, event: str) -> bool:
+        """True the first time ``event`` is marked for this run (the fault drill fires once)."""
+        import pyarrow.fs
+
+        mark = f"{self.dir}/{event}"
+        if self.fs.get_file_info(mark).type != pyarrow.fs.FileType.NotFound:
+            return False
+        self.fs.create_dir(self.dir, recursive=True)
+        with self.fs.open_output_stream(mark) as f:
+            f.write(b"")
+        return True
 
 
 def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], scaling: ScalingConfig, name: str):
@@ -491,9 +543,10 @@ def fit(train_loop: Callable[[dict], None], loop_config: dict[str, Any], scaling
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers,
-                                               resources_per_worker={"CPU": threads}),
+                                               resources_per_worker={"CPU": threads},
+                                               placement_strategy=scaling.placement),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=default_storage(scaling),
+            name=name, storage_path=default_storage(scaling.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
             # Train's print patch echoes every worker print twice in the driver's output
@@ -509,22 +562,20 @@ def run_job(cfg, job: str, train_loop: Callable[[dict], None], tags: dict[str, s
     """The driver of a DeepSpeed job: name the run, reopen its MLflow run when resuming, fit on Ray
     Train, register the model if asked; returns the MLflow run id. ``cfg`` has ``run_name``,
     ``experiment``, ``data``, ``scaling`` and ``register_as``."""
-    import json
-
     from pipelines.core import tracking
 
     name = cfg.run_name or time.strftime(f"{job}-%Y%m%d-%H%M%S")
-    state = state_file(default_storage(cfg.scaling), name)
-    resume_id = json.loads(state.read_text())["mlflow_run_id"] if state.exists() else None
+    storage = default_storage(cfg.scaling.storage_path)
+    record = RunRecord(storage, name)
+    resume_id = record.read()
     with tracking.job_run(cfg, job, cfg.experiment, name, resume_run_id=resume_id, parent_run_id=parent_run_id,
                           tags={"zero_stage": str(cfg.scaling.zero_stage), "dataset": cfg.data.name, **tags}) as run:
         run_id = run.info.run_id
-        state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"mlflow_run_id": run_id}))
+        record.write(run_id)
         print(f"[{job}] run {name}  MLflow run {run_id}  {summary}({cfg.scaling.num_workers} workers, "
               f"ZeRO-{cfg.scaling.zero_stage})", flush=True)
         result = fit(train_loop, {"cfg": cfg.model_dump(mode="json"), "tracking_uri": tracking.tracking_uri(),
-                                  "run_id": run_id, "run_name": name, "state_dir": str(state.parent)},
+                                  "run_id": run_id, "run_name": name, "storage": storage},
                      cfg.scaling, name)
         if result.checkpoint:
             import mlflow

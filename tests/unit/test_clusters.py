@@ -259,6 +259,24 @@ def test_checkpoint_storage_every_node_can_write():
             assert any(storage.startswith(m["mountPath"] + "/") for m in container["volumeMounts"]), (kind, group)
 
 
+def test_autoscaling_clusters_declare_their_cpu_ceiling():
+    """A job's pre-flight CPU check (pipelines/core/ray_session.require_cpus) sees an autoscaling
+    cluster's ceiling in SQUEEZELAB_MAX_CPUS, so it waits for workers instead of failing on a head
+    with 0 CPUs; the declared ceiling must be what the node types can add up to."""
+    for name in ("aws", "gcp"):
+        cfg = launched(name)
+        types = cfg["available_node_types"]
+        ceiling = sum(t["resources"].get("CPU", 0) * (t.get("max_workers", 0) if n != cfg["head_node_type"] else 1)
+                      for n, t in types.items())
+        assert docker_env(cfg)["SQUEEZELAB_MAX_CPUS"] == str(ceiling), name
+    spec = cluster_spec("RayCluster")
+    assert spec["enableInTreeAutoscaling"]
+    ceiling = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) * g["maxReplicas"]
+                  for g in spec["workerGroupSpecs"]) + int(spec["headGroupSpec"]["rayStartParams"]["num-cpus"])
+    head_env = container_env(containers(load(KUBERAY["RayCluster"]))[0][1])
+    assert head_env["SQUEEZELAB_MAX_CPUS"] == str(ceiling)
+
+
 def test_one_mlflow_server_everywhere():
     uris = {f"{name}.yaml": docker_env(launched(name))["MLFLOW_TRACKING_URI"] for name in LAUNCHER}
     for kind in KUBERAY:

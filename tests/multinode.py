@@ -49,16 +49,25 @@ class MultiNodeCluster(Cluster):
             time.sleep(0.5)
         return proc
 
-    def alive_nodes(self) -> list[dict]:
-        """This cluster's live nodes, from its own dashboard's state API (over HTTP with the token:
-        the Python state client would follow a ``ray.init`` connection to another cluster)."""
+    def api(self, path: str, **params):
+        """GET this cluster's dashboard REST API with the token. Ray's Python clients are not used
+        here: they let ``RAY_ADDRESS`` (set to the session's other cluster) override their address."""
         import requests
 
         token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-        r = requests.get(f"{self.dashboard}/api/v0/nodes", params={"limit": 1000}, timeout=30,
+        r = requests.get(f"{self.dashboard}{path}", params=params, timeout=30,
                          headers={"Authorization": f"Bearer {token}"})
         r.raise_for_status()
-        return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+        return r.json()
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.api("/api/v0/nodes", limit=1000)["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def job_status(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}")["status"]
+
+    def job_logs(self, job_id: str) -> str:
+        return self.api(f"/api/jobs/{job_id}/logs")["logs"]
 
     def kill_worker(self, proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -93,11 +102,6 @@ class MultiNodeCluster(Cluster):
             time.sleep(1)
         raise AssertionError(f"ray job submit failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
-    def jobs(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.dashboard)
-
 
 @dataclass
 class Drill:
@@ -117,23 +121,22 @@ def run_job(cluster: MultiNodeCluster, job_id: str, *args: str, kill: subprocess
 
     run_name = next(a.split("=", 1)[1] for a in args if a.startswith("run_name="))
     marker = cluster.storage / run_name / f"epoch={kill_after_epoch:04d}"
-    client = cluster.jobs()
     t0 = time.time()
     cluster.submit(job_id, *args)
     drill = Drill(status="", logs="", seconds=0.0)
     killed = None
     while time.time() - t0 < timeout:
-        status = client.get_job_status(job_id)
+        status = cluster.job_status(job_id)
         if kill is not None and killed is None and marker.exists():
             cluster.kill_worker(kill)
             killed = time.time()
             drill.killed_at = killed - t0
         if killed is not None and drill.recovery_s is None:
-            m = re.search(r"resumed from epoch (\d+) checkpoint", client.get_job_logs(job_id))
+            m = re.search(r"resumed from epoch (\d+) checkpoint", cluster.job_logs(job_id))
             if m:
                 drill.recovery_s, drill.resumed_epoch = time.time() - killed, int(m.group(1))
-        if status.is_terminal():
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             break
         time.sleep(0.25)
-    drill.status, drill.seconds, drill.logs = str(status), time.time() - t0, client.get_job_logs(job_id)
+    drill.status, drill.seconds, drill.logs = status, time.time() - t0, cluster.job_logs(job_id)
     return drill

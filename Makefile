@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover claims-churn
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -99,6 +99,10 @@ claims-distill: claim-dot claim-minimoe claim-weight_squeezing
 claims-losses: claim-squentropy claim-ensloss claim-legendretron
 
 claims-value: claim-robust_bellman claim-robust_bellman_control
+
+# profit-driven churn: PnO vs LR / cost-sensitive LR / EMPC-style / GBM on Telco (50 runs) and on synthetic
+# tables of rising CLV dispersion (180 runs)
+claims-churn: claim-churn_telco claim-churn_synthetic
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000

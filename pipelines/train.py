@@ -56,6 +56,9 @@ class TrainConfig(DeepSpeedJobConfig):
         if self.sparsity.prune:
             raise ValueError("sparsity.prune: the plateau pruning schedule runs in pipelines.fit "
                              "(pipelines/configs/prune_lenet.yaml); the train job applies the regulariser")
+        if self.data.condensed and self.data.condensed_labels == "soft" and self.losses is not None:
+            raise ValueError("losses: a condensed set with soft labels trains on the teacher's stored logits; "
+                             "set data.condensed_labels=hard to use a loss ensemble")
         if self.sparsity.regularizer != "none" and self.scaling.zero_stage == 3:
             raise ValueError("sparsity.regularizer: needs every rank to hold whole parameters; use "
                              "scaling.zero_stage 0, 1 or 2")
@@ -99,12 +102,20 @@ def train_loop(config: dict[str, Any]) -> None:
     ensemble = loss_ensemble(cfg.losses) if cfg.losses else None
     regularize = SparsityStep(engine, cfg.sparsity) if cfg.sparsity.regularizer != "none" else None
 
-    def train_step(_, x, y):
+    def loss_parts(rows, x, y):
+        if data.soft is not None:  # a condensed set: this epoch's stored view and the teacher's logits on it
+            from tasks.sre2l import soft_label_loss
+
+            x, teacher = data.soft_batch(rows, x, engine.global_steps // steps)
+            logits = engine(x)
+            return logits, {"loss": soft_label_loss(logits, teacher, cfg.data.condensed_temperature)}
         logits = engine(x)
         if ensemble:
-            parts = ensemble({"logits": logits, "target": y})
-        else:
-            parts = {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)}
+            return logits, ensemble({"logits": logits, "target": y})
+        return logits, {"loss": F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)}
+
+    def train_step(rows, x, y):
+        logits, parts = loss_parts(rows, x, y)
         engine.backward(parts["loss"])
         if regularize:
             regularize.before_step()

@@ -71,7 +71,6 @@ from torch import nn
 
 from tasks.common.datasets import debian_data_path
 from tasks.common.model_io import WEIGHTS, read_spec, save_model
-from tasks.common.registry import register_model
 from tasks.common.tables import split_indices
 from tasks.common.text import MODELDATA, read_r_lazy
 
@@ -465,7 +464,8 @@ def soft_regret(logits: torch.Tensor, y: torch.Tensor, clv: torch.Tensor, campai
 
 
 # ----------------------------------------------------------------------------------------------- models
-@register_model("churn_net")
+# not in the model registry: the registry holds classifiers built from a dataset's shape (num_classes,
+# in_channels); a churn net is a one-logit scorer that only ChurnModel.load rebuilds
 def churn_net(in_features: int, hidden: int = 0) -> nn.Module:
     """The churn logit f_w(x): linear (hidden = 0) or one ReLU hidden layer; output [n, 1]."""
     if hidden <= 0:

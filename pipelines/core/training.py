@@ -26,6 +26,12 @@ class DataConfig(Section):
     limit_train: int | None = Field(None, gt=0)  # use only the first N training images (smoke, low-data runs)
     limit_eval: int | None = Field(None, gt=0)  # ... and N validation / test images
     max_length: int = Field(128, ge=8, le=512)  # text datasets: tokens per example (truncate / pad)
+    # a condensed set (pipelines.condense Parquet folder) replaces the training split; validation and
+    # test stay the real ones of ``name``. soft: the teacher's stored views and logits (SRe2L's relabel,
+    # KL at ``condensed_temperature`` with no T^2, as the official code); hard: its class labels (CE)
+    condensed: str | None = None
+    condensed_labels: Literal["soft", "hard"] = "soft"
+    condensed_temperature: float = Field(4.0, gt=0)
 
 
 class ModelConfig(Section):
@@ -295,6 +301,7 @@ class WorkerData:
     test_y: Any
     channels_last: bool = False
     kind: str = "image"
+    soft: Any = None  # tasks.sre2l.SoftLabels of a condensed training set (rows as train_x)
 
     @classmethod
     def load(cls, cfg: DataConfig, seed: int, channels_last: bool = False) -> "WorkerData":
@@ -313,8 +320,28 @@ class WorkerData:
         from tasks.common.datasets import load_dataset
 
         d = load_dataset(cfg.name, seed=seed, val_fraction=cfg.val_fraction)
+        if cfg.condensed:
+            from pipelines.condense import read_condensed
+
+            x, y, soft, _ = read_condensed(cfg.condensed)
+            if x.shape[1:] != d.train_x.shape[1:]:
+                raise ValueError(f"data.condensed: images of shape {x.shape[1:]}, {cfg.name}'s are {d.train_x.shape[1:]}")
+            return cls(d, x[:n], y[:n], d.val_x[:m], d.val_y[:m], d.test_x[:m], d.test_y[:m], channels_last,
+                       soft=soft.take(range(len(x[:n]))) if cfg.condensed_labels == "soft" else None)
         return cls(d, d.train_x[:n], d.train_y[:n], d.val_x[:m], d.val_y[:m], d.test_x[:m], d.test_y[:m],
                    channels_last)
+
+    def soft_batch(self, rows, x, epoch: int):
+        """A condensed set's stored view of each row for this epoch (cycling through the stored epochs)
+        and the teacher's logits on it: (views, teacher logits)."""
+        import torch
+
+        from tasks.sre2l import resized_crop
+
+        e = epoch % self.soft.epochs
+        views = resized_crop(x.contiguous(), self.soft.boxes[e, rows], self.soft.flips[e, rows])
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return views.contiguous(memory_format=fmt), torch.from_numpy(self.soft.logits[e, rows].astype("float32"))
 
     def steps_per_epoch(self, batch_size: int) -> int:
         steps = len(self.train_x) // batch_size

@@ -204,10 +204,7 @@ def main(cfg: CompressConfig, parent_run_id: str | None = None, report=None) -> 
     tracking.tracking_uri()  # fails early (exit 2) when a submitted job has no store
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    try:
-        source_dir = tracking.download_model(cfg.source)
-    except Exception as exc:  # a wrong id or alias is a config error, not a traceback
-        raise ConfigError(f"source: cannot load {cfg.source!r}: {exc}") from None
+    source_dir = tracking.download_configured_model(cfg.source, "source")
     model, spec = load_model(source_dir)
     if spec.get("format") == "deep_compression":
         raise ConfigError(f"source: {cfg.source} is already a Deep-Compression artifact")

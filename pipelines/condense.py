@@ -211,10 +211,7 @@ def main(cfg: CondenseConfig) -> str:
     from tasks.common.model_io import load_model
 
     tracking.tracking_uri()  # fails early (exit 2) when a submitted job has no store
-    try:
-        teacher_dir = tracking.download_model(cfg.teacher)
-    except Exception as exc:
-        raise ConfigError(f"teacher: cannot load {cfg.teacher!r}: {exc}") from None
+    teacher_dir = tracking.download_configured_model(cfg.teacher, "teacher")
     teacher, spec = load_model(teacher_dir)
     import torch
 

@@ -25,6 +25,7 @@ a given number of deliberately broken rows.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -63,8 +64,6 @@ class Scorer:
     an actor holds one slice at a time, so memory stays flat however large the table."""
 
     def __init__(self, files: dict[str, bytes], output: str, id_column: str, top: int, batch_size: int):
-        import tempfile
-
         import torch
 
         from tasks.churn import ChurnModel
@@ -149,6 +148,12 @@ def write_parquet(frame, path: str) -> None:
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), where, filesystem=fs)
 
 
+def write_text(text: str, path: str) -> None:
+    fs, where = _fs(path)
+    with fs.open_output_stream(where) as f:
+        f.write(text.encode())
+
+
 def _clear(path: str) -> None:
     import pyarrow.fs
 
@@ -180,8 +185,6 @@ def make_table(path: str | Path, rows: int, seed: int = 0, bad_rows: int = 0, ch
     ``bad_rows`` of them broken in ways a scoring job must reject (a missing value, a non-numeric charge, an
     unknown contract type, a negative CLV), spread over the table. Not synthetic in its values (each row is
     a real customer's), synthetic in its size."""
-    import pandas as pd
-
     from tasks.churn import CLV, LABEL, telco
 
     base = telco().drop(columns=[LABEL])
@@ -235,10 +238,7 @@ def main(cfg: ScoreConfig) -> str:
     from pipelines.core.ray_session import ensure_ray, require_cpus
 
     tracking.tracking_uri()  # fails early (exit 2) when a submitted job has no store
-    try:
-        model_dir = tracking.download_model(cfg.model)
-    except Exception as exc:  # a wrong id or alias is a config error, not a traceback
-        raise ConfigError(f"model: cannot load {cfg.model!r}: {exc}") from None
+    model_dir = tracking.download_configured_model(cfg.model, "model")
     spec = json.loads((model_dir / "model.json").read_text())
     if spec.get("model") != "churn_net" or not spec.get("encoder"):
         raise ConfigError(f"model: {cfg.model} is a {spec.get('model')!r}, not a churn model with an encoder "
@@ -247,8 +247,6 @@ def main(cfg: ScoreConfig) -> str:
         make_table(cfg.input, cfg.make_input_rows, seed=0, bad_rows=max(4, cfg.make_input_rows // 500),
                    id_column=cfg.id_column)
     parts = fragments(cfg.input)
-    import pyarrow.parquet as pq
-
     fs, first = _fs(parts[0]["path"])
     with fs.open_input_file(first) as f:
         columns = pq.ParquetFile(f).schema_arrow.names
@@ -306,8 +304,6 @@ def main(cfg: ScoreConfig) -> str:
                             "top_expected_profit": summary["top_expected_profit"], "seconds": seconds,
                             "rows_per_s": summary["rows_per_s"]})
         mlflow.log_dict(summary, "summary.json")
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifact(str(_histogram_plot(hist, Path(tmp) / "score_histogram.png",
                                                     f"churn probability, {totals['scored']:,} scored customers")))
@@ -317,12 +313,6 @@ def main(cfg: ScoreConfig) -> str:
               f"outputs in {cfg.output}", flush=True)
     print(f"[score] done: MLflow run {run.info.run_id}", flush=True)
     return run.info.run_id
-
-
-def write_text(text: str, path: str) -> None:
-    fs, where = _fs(path)
-    with fs.open_output_stream(where) as f:
-        f.write(text.encode())
 
 
 if __name__ == "__main__":

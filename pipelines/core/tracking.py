@@ -209,6 +209,15 @@ def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     return Path(local)
 
 
+def download_configured_model(model_uri: str, key: str) -> Path:
+    """``download_model`` for a model a config names under ``key``: a wrong run id, name or alias is a
+    config error that names the key (exit 2), not a traceback."""
+    try:
+        return download_model(model_uri)
+    except Exception as exc:  # MLflow raises several types for a missing run, model or alias
+        raise ConfigError(f"{key}: cannot load {model_uri!r}: {str(exc).splitlines()[0]}") from None
+
+
 def load_logged_model(model_uri: str):
     """(torch module in eval mode, model.json spec, local dir) for a logged model."""
     from tasks.common.model_io import load_model

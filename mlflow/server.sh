@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The team's MLflow tracking server. Defaults: the SQLite store and artifact folder beside this
 # script, bound to 127.0.0.1:5000. Point jobs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.
-#   MLFLOW_BACKEND_URI  sqlite:///... (default) or postgresql://user:pass@host/db
+#   MLFLOW_BACKEND_URI  sqlite:///... (default) or postgresql+psycopg2://user:pass@host/db (pip install psycopg2-binary)
 #   MLFLOW_ARTIFACTS    where artifacts live (default: mlflow/artifacts beside this script); the
 #                       server proxies them, so jobs need only the HTTP URI
 #   MLFLOW_HOST / MLFLOW_PORT   bind address (127.0.0.1 unless you mean to expose it) and port

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover claims-churn
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover claims-churn claim-sre2l sre2l-sets
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -103,6 +103,18 @@ claims-value: claim-robust_bellman claim-robust_bellman_control
 # profit-driven churn: PnO vs LR / cost-sensitive LR / EMPC-style / GBM on Telco (50 runs) and on synthetic
 # tables of rising CLV dispersion (180 runs)
 claims-churn: claim-churn_telco claim-churn_synthetic
+
+# SRe2L on Fashion-MNIST (needs `make teachers`: the BN SqueezeNet): per seed one IPC-50 recovered set
+# and one IPC-50 random-real set with the same relabel (IPC 1 and 10 are their prefixes), then the
+# students (~45 min of recovery on 2 cores, resumable; ~20 min of students)
+SRE2L_SEEDS ?= 0 1 2 3 4
+sre2l-sets: setup
+	@for s in $(SRE2L_SEEDS); do for src in recover random_real; do \
+	  $(BIN)/python -m pipelines.condense --config pipelines/configs/condense_fashion.yaml ipc=50 seed=$$s \
+	    source=$$src output=runs/condensed/claim-sre2l/$$src-seed$$s || exit $$?; done; done
+
+claim-sre2l: sre2l-sets
+	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/sre2l.yaml
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port 5000

@@ -53,7 +53,9 @@ class SweepConfig(JobConfig):
     arms: dict[str, list[str]]  # arm name -> its own overrides (a loss, a method, ...)
     baseline: str  # the arm the paper compares against
     # further axes, {dotted key: [values]}: every combination is a cell (a dataset, a learning rate);
-    # arms are compared within each cell, and the report summarises the cells
+    # arms are compared within each cell, and the report summarises the cells. Keys that move together
+    # form one axis: {"data.condensed_ipc, train.batch_size": [[1, 10], [50, 64]]}. Overrides (shared and
+    # per arm) may name the trial's seed as {seed}: data.condensed=runs/condensed/recover-seed{seed}
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     metric: str = "test/acc"  # the headline metric
@@ -83,6 +85,9 @@ class SweepConfig(JobConfig):
         for key, values in self.grid.items():
             if not values:
                 raise ValueError(f"grid.{key}: give at least one value")
+            width = len(axis_keys(key))
+            if width > 1 and not all(isinstance(v, list) and len(v) == width for v in values):
+                raise ValueError(f"grid.{key}: every value must list {width} values, one per key")
         for regime, pairs in self.comparisons.items():
             for arm, base in pairs.items():
                 if arm not in self.arms or base not in self.arms:
@@ -107,13 +112,28 @@ class SweepConfig(JobConfig):
         return [dict(zip(keys, combo)) for combo in itertools.product(*self.grid.values())]
 
 
+def axis_keys(key: str) -> list[str]:
+    """The dotted keys of one grid axis: ``"a.b"``, or several that move together: ``"a.b, c.d"``."""
+    return [k.strip() for k in key.split(",")]
+
+
+def cell_values(cell: dict[str, Any]) -> dict[str, Any]:
+    """A grid cell as {dotted key: value}, axes of keys that move together unpacked."""
+    out: dict[str, Any] = {}
+    for key, value in cell.items():
+        keys = axis_keys(key)
+        out.update(zip(keys, value) if len(keys) > 1 else [(key, value)])
+    return out
+
+
 def cell_label(cell: dict[str, Any]) -> str:
     """``letter`` for one grid key, ``name=letter, lr=0.01`` for several, ``all`` without a grid."""
     if not cell:
         return "all"
-    if len(cell) == 1:
-        return str(next(iter(cell.values())))
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in cell.items())
+    values = cell_values(cell)
+    if len(values) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
 
 
 def _override(key: str, value: Any) -> str:
@@ -124,8 +144,10 @@ def job_config(sweep: SweepConfig, arm: str, cell: dict[str, Any], seed: int, st
     """(job module, validated job config) of one trial."""
     module = importlib.import_module(f"pipelines.{sweep.job}")
     cls = getattr(module, JOBS[sweep.job])
-    tag = "-".join(str(v) for v in cell.values())
-    overrides = [*sweep.overrides, *sweep.arms[arm], *(_override(k, v) for k, v in cell.items()),
+    values = cell_values(cell)
+    tag = "-".join(str(v) for v in values.values())
+    overrides = [*(o.replace("{seed}", str(seed)) for o in [*sweep.overrides, *sweep.arms[arm]]),
+                 *(_override(k, v) for k, v in values.items()),
                  f"seed={seed}", f"experiment={sweep.experiment}",
                  f"run_name=sweep-{sweep.name}-{stamp}-{arm}{'-' + tag if tag else ''}-s{seed}"]
     if "register_as" in cls.model_fields:

@@ -56,6 +56,9 @@ class TrainConfig(DeepSpeedJobConfig):
         if self.sparsity.prune:
             raise ValueError("sparsity.prune: the plateau pruning schedule runs in pipelines.fit "
                              "(pipelines/configs/prune_lenet.yaml); the train job applies the regulariser")
+        if self.data.condensed and not self.data.condensed_path().is_dir():
+            raise ValueError(f"data.condensed: {self.data.condensed_path()} is not a folder (pipelines.condense "
+                             "writes one; a relative path starts at the repository root)")
         if self.data.condensed and self.data.condensed_labels == "soft" and self.losses is not None:
             raise ValueError("losses: a condensed set with soft labels trains on the teacher's stored logits; "
                              "set data.condensed_labels=hard to use a loss ensemble")

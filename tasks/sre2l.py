@@ -28,8 +28,10 @@ Squeeze is ordinary training of a BatchNorm-equipped teacher (the train job's ``
   change nothing but eps's relative size; it matters only with SGD, which the official code does not
   use for these runs. (``tasks.kd.kd_loss`` is the T^2-scaled loss; this module divides it back out.)
 - Fair baselines (the caveat the literature found: soft relabelling, not the synthetic images, carries
-  most of SRe2L's accuracy): ``random_real_subset`` picks IPC real images per class by seed;
-  ``random_real_baseline`` trains on them with hard labels, or with the very same ``relabel``.
+  most of SRe2L's accuracy): ``random_real_subset`` picks IPC real images per class by seed (nested:
+  IPC k is a prefix of any larger IPC); ``random_real_baseline`` trains on them with hard labels, or
+  with the very same ``relabel``; ``real_pairs`` returns the same draws in ``recover_pairs``'s form,
+  so a pipeline stores a random-real set exactly like a recovered one.
 
 Determinism and what a result depends on. Images of one recovery batch are coupled through L_bn (batch
 statistics), so an image cannot be independent of its batch-mates. The batches are therefore fixed by
@@ -606,19 +608,67 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, *, mean: 
 
 
 # ---------------------------------------------------------------------------------------- baselines
+def _class_order(labels: np.ndarray, c: int, seed: int) -> np.ndarray:
+    """Class ``c``'s image indices in a random order fixed by ``seed``: IPC k takes the first k, so a
+    smaller random-real set is a prefix of a larger one (as a recovered set's IPC indices are)."""
+    return np.random.default_rng([seed, int(c)]).permutation(np.flatnonzero(labels == c))
+
+
 def random_real_subset(labels: np.ndarray, ipc: int, seed: int) -> np.ndarray:
     """Indices of ``ipc`` real images per class, drawn without replacement by ``seed``, class by class
-    (rows ordered by class, then draw); a class with fewer images raises."""
+    (rows ordered by class, then draw); the draws for IPC k are the first k of those for any larger IPC;
+    a class with fewer images raises."""
     labels = np.asarray(labels)
     if ipc < 1:
         raise ValueError(f"ipc must be >= 1, got {ipc}")
     picked = []
     for c in np.unique(labels):
-        pool = np.flatnonzero(labels == c)
-        if len(pool) < ipc:
-            raise ValueError(f"class {c} has {len(pool)} images, fewer than ipc={ipc}")
-        picked.append(np.random.default_rng([seed, int(c)]).choice(pool, ipc, replace=False))
+        order = _class_order(labels, c, seed)
+        if len(order) < ipc:
+            raise ValueError(f"class {c} has {len(order)} images, fewer than ipc={ipc}")
+        picked.append(order[:ipc])
     return np.concatenate(picked)
+
+
+def real_pairs(teacher: nn.Module, images: np.ndarray, labels: np.ndarray, pairs: Sequence[tuple[int, int]], *,
+               seed: int, batch_size: int | None = None, first_bn_multiplier: float = 10.0,
+               mean: float | Sequence[float] = 0.0, std: float | Sequence[float] = 1.0) -> Recovered:
+    """The random-real counterpart of ``recover_pairs``: for each (class, ipc_index) pair the
+    ``ipc_index``-th real image of the class in ``random_real_subset``'s seeded order, as a ``Recovered``
+    with the same diagnostics (teacher CE / confidence / arg-max, and L_bn of the image's block, the
+    batch a recovery would have formed), so a random-real set is stored and read exactly like a
+    recovered one. ``images``: the real pool, uint8 or [0, 1] floats (N, C, H, W)."""
+    labels = np.asarray(labels)
+    pairs = [(int(c), int(i)) for c, i in pairs]
+    if not pairs:
+        raise ValueError("no (class, ipc_index) pairs to draw")
+    num_classes = int(labels.max()) + 1
+    bs = num_classes if batch_size is None else int(batch_size)
+    orders: dict[int, np.ndarray] = {}
+    for c, i in pairs:
+        order = orders.setdefault(c, _class_order(labels, c, seed))
+        if not 0 <= i < len(order):
+            raise ValueError(f"pair (class={c}, ipc_index={i}): class {c} has {len(order)} images")
+    index = np.array([orders[c][i] for c, i in pairs])
+    ipcs = np.array([i for _, i in pairs], np.int64)
+    device = _device_of(teacher)
+    dtype = next(iter(teacher.parameters()), torch.zeros(())).dtype
+    x = _normalised(images[index], mean, std, device, dtype)
+    y = torch.tensor([c for c, _ in pairs], device=device)
+    block = np.array([c // bs for c, _ in pairs], np.int64)
+    bn_block = np.zeros(len(pairs), np.float32)
+    with frozen(teacher), torch.no_grad(), BNStatLoss(teacher, first_bn_multiplier) as bn:
+        for i, b in sorted(set(zip(ipcs.tolist(), block.tolist()))):
+            rows = np.flatnonzero((ipcs == i) & (block == b))
+            teacher(x[rows])
+            bn_block[rows] = float(bn.loss())
+        logits = teacher(x)
+        ce = F.cross_entropy(logits, y, reduction="none").cpu().numpy().astype(np.float32)
+        conf = torch.softmax(logits, 1).gather(1, y[:, None])[:, 0].cpu().numpy().astype(np.float32)
+    return Recovered(images=to_unit(images[index]).float().numpy(), labels=y.cpu().numpy().astype(np.int64),
+                     ipc_index=ipcs, block=block, ce=ce, confidence=conf,
+                     predicted=logits.argmax(1).cpu().numpy().astype(np.int64), bn_loss=bn_block,
+                     ce_start=ce, bn_loss_start=bn_block)
 
 
 def random_real_baseline(student: nn.Module, images: np.ndarray, labels: np.ndarray, *, ipc: int, seed: int,

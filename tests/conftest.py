@@ -2,6 +2,7 @@
 starts one (``ray start --head``, token auth on), and a temporary MLflow SQLite store."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -110,8 +111,21 @@ class Cluster:
 
     def job(self, module: str, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
         """Run ``python -m pipelines.<module> ...`` as a user would, against this cluster."""
-        proc = subprocess.run([sys.executable, "-m", f"pipelines.{module}", *args], cwd=REPO, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        return self._run([sys.executable, "-m", f"pipelines.{module}", *args], module, timeout, check)
+
+    def submit(self, module: str, *args: str, runtime_env: dict | None = None, timeout: float = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+        """``ray job submit`` of ``python -m pipelines.<module> ...`` with this repository as the working
+        dir, through the dashboard with the cluster's token; the store comes in the runtime env (default:
+        the cluster's) since the cluster's own processes do not know it. The driver runs in Ray's copy of
+        the working dir on this machine, so absolute paths under tmp are shared with the test."""
+        env = {"env_vars": {"MLFLOW_TRACKING_URI": self.tracking_uri}} if runtime_env is None else runtime_env
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(env), "--", "python", "-m", f"pipelines.{module}", *args]
+        return self._run(cmd, module, timeout, check)
+
+    def _run(self, cmd: list[str], module: str, timeout: float, check: bool) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"pipelines.{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         return proc

@@ -28,10 +28,17 @@ class DataConfig(Section):
     max_length: int = Field(128, ge=8, le=512)  # text datasets: tokens per example (truncate / pad)
     # a condensed set (pipelines.condense Parquet folder) replaces the training split; validation and
     # test stay the real ones of ``name``. soft: the teacher's stored views and logits (SRe2L's relabel,
-    # KL at ``condensed_temperature`` with no T^2, as the official code); hard: its class labels (CE)
+    # KL at ``condensed_temperature`` with no T^2, as the official code); hard: its class labels (CE).
+    # A relative path is taken from the repository root (what a submitted job's working dir holds)
     condensed: str | None = None
+    condensed_ipc: int | None = Field(None, ge=1)  # only the first N images per class of the set
     condensed_labels: Literal["soft", "hard"] = "soft"
     condensed_temperature: float = Field(4.0, gt=0)
+
+    def condensed_path(self) -> Path | None:
+        from pipelines.core.tracking import REPO
+
+        return None if self.condensed is None else REPO / Path(self.condensed).expanduser()
 
 
 class ModelConfig(Section):
@@ -61,6 +68,9 @@ class OptimConfig(Section):
     # clips at 1.0 unless told otherwise (the papers here do not clip)
     grad_clip: float = Field(0.0, ge=0)
     stop_after_epochs: int | None = Field(None, ge=1)  # end the job early (a deliberate interruption)
+    # validate, log and checkpoint every N epochs (and after the last): many short epochs (a condensed
+    # set of tens of images for hundreds of epochs) would otherwise spend their time on validation
+    eval_every: int = Field(1, ge=1)
 
 
 class SparsityConfig(Section):
@@ -323,7 +333,7 @@ class WorkerData:
         if cfg.condensed:
             from pipelines.condense import read_condensed
 
-            x, y, soft, _ = read_condensed(cfg.condensed)
+            x, y, soft, _ = read_condensed(cfg.condensed_path(), cfg.condensed_ipc)
             if x.shape[1:] != d.train_x.shape[1:]:
                 raise ValueError(f"data.condensed: images of shape {x.shape[1:]}, {cfg.name}'s are {d.train_x.shape[1:]}")
             return cls(d, x[:n], y[:n], d.val_x[:m], d.val_y[:m], d.test_x[:m], d.test_y[:m], channels_last,
@@ -420,13 +430,14 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
               flush=True)
 
     val_shard = EvalShard(len(data.val_x), rank, world, micro)
+    sums: dict[str, float] = {}  # training sums since the last validation (train.eval_every epochs)
+    correct = seconds = 0.0
+    trained = 0
     for epoch in range(start_epoch, cfg.train.epochs):
         # per-epoch seeds (dropout, router noise): a resumed run replays exactly an uninterrupted one
         torch.manual_seed(hash_seed(cfg.seed, epoch, rank))
         engine.train()
         idx = epoch_shard(len(data.train_x), epoch, cfg.seed, rank, world, micro, steps)
-        sums: dict[str, float] = {}
-        correct = 0.0
         t0 = time.perf_counter()
         for step in range(steps):
             b = idx[step * micro:(step + 1) * micro]
@@ -435,8 +446,13 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(b)
             correct += (logits.argmax(1) == y).sum().item()
-        seconds = time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
+        trained += steps * cfg.train.batch_size
         average_buffers(engine.module, world)
+        # the epochs that end with validation, a log line and a checkpoint (a drill or a planned stop too)
+        if not ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 in (
+                cfg.train.epochs, cfg.train.stop_after_epochs, cfg.scaling.inject_failure_after_epoch)):
+            continue
 
         engine.eval()
         v_loss = v_correct = 0.0
@@ -446,7 +462,7 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
                 y, w = torch.from_numpy(data.val_y[b]), torch.from_numpy(weight)
                 v_loss += (F.cross_entropy(logits, y, reduction="none") * w).sum().item()
                 v_correct += ((logits.argmax(1) == y).float() * w).sum().item()
-        n_train = steps * cfg.train.batch_size
+        n_train = trained
         keys = sorted(sums)
         totals = all_sum(*(sums[k] for k in keys), correct, v_loss, v_correct, seconds)
         tc, vl, vc, total_s = totals[len(keys):]
@@ -454,6 +470,7 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
                    "train/acc": tc / n_train, "val/loss": vl / len(data.val_x), "val/acc": vc / len(data.val_x),
                    "train/samples_per_s": n_train / (total_s / world),  # over the mean worker epoch time
                    "lr": engine.get_lr()[0], "global_step": engine.global_steps}
+        sums, correct, seconds, trained = {}, 0.0, 0.0, 0
         if log:
             log.metrics(metrics, step=epoch + 1)
             print(f"[{job}] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train/loss']:.4f}  "

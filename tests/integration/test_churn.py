@@ -1,5 +1,6 @@
-"""The churn jobs as users run them: train a PnO model on the real Telco table and register it, then
-batch-score a Parquet customer table with it on Ray Data (an actor pool), bad rows included."""
+"""The churn jobs as users run them, submitted with `ray job submit`: train a PnO model on the real Telco
+table and register it, then batch-score a Parquet customer table with it on Ray Data (an actor pool),
+bad rows included."""
 import json
 
 import pandas as pd
@@ -13,8 +14,8 @@ SCORE = "pipelines/configs/score_telco.yaml"
 
 @pytest.fixture(scope="module")
 def churn_model(cluster, mlflow_client):
-    proc = cluster.job("churn", "--config", CHURN, "--smoke", "run_name=churn-smoke", "register_as=churn-ci")
-    assert "[churn] done" in proc.stdout
+    proc = cluster.submit("churn", "--config", CHURN, "--smoke", "run_name=churn-smoke", "register_as=churn-ci")
+    assert "[churn] done" in proc.stdout and "succeeded" in proc.stdout + proc.stderr
     return mlflow_client.get_model_version_by_alias("churn-ci", "current").run_id
 
 
@@ -35,8 +36,8 @@ def test_pno_model_is_trained_evaluated_in_money_and_logged(churn_model, mlflow_
 
 def test_scoring_keeps_every_row_and_rejects_bad_ones_with_a_reason(cluster, churn_model, mlflow_client, tmp_path):
     out = tmp_path / "out"
-    proc = cluster.job("score", "--config", SCORE, "--smoke", "model=models:/churn-ci@current",
-                       f"input={tmp_path / 'customers'}", f"output={out}", "make_input_rows=3000", "top=50")
+    proc = cluster.submit("score", "--config", SCORE, "--smoke", "model=models:/churn-ci@current",
+                          f"input={tmp_path / 'customers'}", f"output={out}", "make_input_rows=3000", "top=50")
     assert "3,000 rows in = " in proc.stdout
     scored, rejects = pd.read_parquet(out / "scored"), pd.read_parquet(out / "rejects")
     summary = json.loads((out / "summary.json").read_text())

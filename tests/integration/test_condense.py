@@ -44,9 +44,29 @@ def test_a_rerun_resumes_and_other_settings_are_refused(cluster, condensed):
 
 def test_train_job_learns_from_the_condensed_set_with_its_soft_labels(cluster, condensed, mlflow_client):
     out, _ = condensed
-    run_id, proc = train(cluster, "on-condensed", f"data.condensed={out}", "train.batch_size=4")
+    run_id, proc = train(cluster, "on-condensed", f"data.condensed={out}", "train.batch_size=4",
+                         "data.condensed_ipc=1", "train.epochs=3", "train.eval_every=2")
     metrics = mlflow_client.get_run(run_id).data.metrics
     assert 0 < metrics["test/acc"] <= 1 and metrics["train/loss"] >= 0
-    # 20 images / 4 per step = 5 steps an epoch: the training split is the condensed set
+    # IPC 1 of the set: 10 images / 4 per step = 2 steps an epoch (the training split is the condensed
+    # set's prefix), validated and logged after epoch 2 (eval_every) and after the last
     steps = sorted(mlflow_client.get_metric_history(run_id, "global_step"), key=lambda m: m.step)
-    assert [m.value for m in steps] == [5.0, 10.0]
+    assert [(m.step, m.value) for m in steps] == [(2, 4.0), (3, 6.0)]
+
+
+def test_random_real_baseline_set_holds_the_seeds_real_images_relabelled(cluster, zero_runs, tmp_path):
+    import numpy as np
+
+    from tasks.common.datasets import load_dataset
+    from tasks.sre2l import random_real_subset
+
+    # submitted as to a remote cluster (the driver runs in Ray's copy of the working dir)
+    proc = cluster.submit("condense", "--config", CONFIG, "--smoke", f"output={tmp_path}", "source=random_real",
+                          "seed=3", "log_artifact=false")
+    assert "random_real" in proc.stdout and "[condense] done" in proc.stdout
+    images, labels, soft, provenance = read_condensed(tmp_path)
+    assert provenance["source"] == "random_real" and soft.logits.shape == (2, 20, 10)
+    d = load_dataset("fashion_mnist", seed=3)  # the training split the train job carves with seed 3
+    picked = random_real_subset(d.train_y, 2, seed=3).reshape(10, 2).T.ravel()  # by image id: IPC index, class
+    np.testing.assert_array_equal(images, d.train_x[picked])
+    np.testing.assert_array_equal(labels, d.train_y[picked])

@@ -12,11 +12,8 @@ pytestmark = pytest.mark.integration
 
 
 def submit(cluster, runtime_env: dict, *args: str) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--",
-           "python", "-m", "pipelines.train", "--config", CONFIG, "--smoke",
-           f"scaling.storage_path={cluster.storage}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=900)
+    return cluster.submit("train", "--config", CONFIG, "--smoke", f"scaling.storage_path={cluster.storage}", *args,
+                          runtime_env=runtime_env, check=False)
 
 
 def test_submitted_job_trains_and_logs_to_the_store_named_in_runtime_env(cluster, mlflow_client):

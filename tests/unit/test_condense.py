@@ -41,3 +41,16 @@ def test_a_part_is_written_whole_or_not_at_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [part_name(0, 0)]  # no temporary left behind
     with pytest.raises(FileNotFoundError):
         read_condensed(tmp_path / "empty")
+
+
+def test_an_ipc_prefix_reads_the_first_images_of_every_class(tmp_path):
+    for i in range(3):
+        rec, soft, ids = _batch(i)
+        write_part(tmp_path / part_name(i, 0), rec, soft, ids, {})
+    images, labels, soft, _ = read_condensed(tmp_path, ipc=2)
+    full = read_condensed(tmp_path)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2] and soft.image_ids.tolist() == list(range(6))
+    np.testing.assert_array_equal(images, full[0][:6])
+    np.testing.assert_array_equal(soft.logits, full[2].logits[:, :6])
+    with pytest.raises(ValueError, match="holds IPC 3"):
+        read_condensed(tmp_path, ipc=4)

@@ -337,6 +337,33 @@ def test_random_real_subset_is_stratified_without_replacement_and_seeded():
     assert not np.array_equal(idx, random_real_subset(labels, 4, seed=1))
     with pytest.raises(ValueError, match="fewer than ipc"):
         random_real_subset(labels, 6, seed=0)
+    # nested: IPC 2 is the first two draws of IPC 4 in every class
+    np.testing.assert_array_equal(random_real_subset(labels, 2, seed=0), idx.reshape(3, 4)[:, :2].ravel())
+
+
+def test_real_pairs_draw_the_random_real_subset_with_recoverys_diagnostics(teacher):
+    x, y = synthetic_set(6, seed=5)
+    pairs = [(c, i) for i in range(2) for c in range(CLASSES)]
+    real = sre2l.real_pairs(teacher, x, y, pairs, seed=7, mean=MEAN, std=STD)
+    idx = random_real_subset(y, 2, seed=7).reshape(CLASSES, 2)  # rows: class, then draw
+    expect = np.stack([idx[c, i] for c, i in pairs])
+    np.testing.assert_array_equal(real.images, x[expect].astype(np.float32) / 255)
+    assert real.labels.tolist() == [c for c, _ in pairs] and real.ipc_index.tolist() == [0] * 4 + [1] * 4
+    with torch.no_grad():
+        logits = teacher(((torch.from_numpy(x[expect]).float() / 255) - MEAN) / STD)
+    np.testing.assert_allclose(real.ce, F.cross_entropy(logits, torch.from_numpy(real.labels), reduction="none"),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(real.predicted, logits.argmax(1).numpy())
+    # L_bn is that of the block a recovery would have formed (one per IPC index here), not of all rows
+    with BNStatLoss(teacher) as bn, torch.no_grad():
+        teacher(((torch.from_numpy(x[expect[4:]]).float() / 255) - MEAN) / STD)
+        assert real.bn_loss[4:] == pytest.approx([float(bn.loss())] * 4, rel=1e-5)
+    assert real.bn_loss[0] != real.bn_loss[4]
+    # one pair alone is the same image as in the larger request
+    one = sre2l.real_pairs(teacher, x, y, [pairs[5]], seed=7, mean=MEAN, std=STD)
+    np.testing.assert_array_equal(one.images[0], real.images[5])
+    with pytest.raises(ValueError, match="has 6 images"):
+        sre2l.real_pairs(teacher, x, y, [(0, 6)], seed=7)
 
 
 def test_random_real_baselines_run_hard_and_with_the_same_relabel(teacher):

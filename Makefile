@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses toto-tables drill-failover claims-churn claim-sre2l sre2l-sets
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
@@ -66,6 +66,12 @@ bench: setup
 # python -m pipelines.distill --config pipelines/configs/distill_fashion.yaml)
 bench-distill: setup
 	$(BIN)/python benchmarks/serve_latency.py
+
+# batch scoring at 1M, 10M, 30M rows: the Ray Data job (pipelines.score) vs one pandas process, rows/s and
+# peak memory summed over every process -> docs/results/score_scale.md (needs models:/churn-telco@current:
+# python -m pipelines.churn --config pipelines/configs/churn_telco.yaml; ~25 min, ~2 GB of disk)
+bench-score: setup
+	$(BIN)/python benchmarks/score_scale.py
 
 # node-loss drill on a real 2-node Ray cluster on this machine (head + worker as separate `ray start`):
 # the worker node is SIGKILLed mid-training, the job resumes from its checkpoint -> docs/results/failover.md (~6 min)

@@ -7,9 +7,10 @@
 
 The model (``model``: ``runs:/<id>`` or ``models:/<name>@<alias>`` of a ``pipelines.churn`` run: weights,
 campaign and feature encoder, no pickle) is read once by the driver and shipped to an actor pool
-(``actors`` x ``cpus_per_actor``). Ray Data streams the Parquet rows through the pool in batches of
-``batch_size``; each actor validates its batch (tasks.churn.validate_rows), scores the valid rows and
-writes two Parquet parts itself, so nothing but a small summary per batch travels back:
+(``actors`` x ``cpus_per_actor``). Ray Data hands the actors the table's row groups; each actor reads its
+row group itself in slices of ``batch_size`` rows, validates them (tasks.churn.validate_rows), scores the
+valid rows and appends them to one scored and one rejects part per row group, so nothing but a small
+summary per row group travels back, and an actor's memory does not grow with the table:
 
     <output>/scored/part-*.parquet    every valid row + churn_probability, expected_profit, target
     <output>/rejects/part-*.parquet   every rejected row as it came + reason (never silently dropped)
@@ -21,6 +22,11 @@ Rows in (from the Parquet metadata) must equal scored + rejected; the job fails 
 run logs the counts, the expected profit of the campaign, throughput, the score histogram (plot) and
 the summary. ``make_table`` writes test tables: Telco-like customers resampled from the real table, with
 a given number of deliberately broken rows.
+
+Scale (benchmarks/score_scale.py, docs/results/score_scale.md): the job's memory stays flat in the table's
+size (~1.8 GB summed over every process of a local Ray on 2 CPUs, ~0.65 GB of it Ray's own processes),
+where one pandas process holding the whole table takes ~1.5 KB a row. Parallelism comes from row groups:
+a table needs at least ``actors`` of them (pyarrow writes 1Mi-row groups by default).
 """
 from __future__ import annotations
 
@@ -48,7 +54,9 @@ class ScoreConfig(JobConfig):
     output: str  # a folder; scored/ and rejects/ in it are replaced
     id_column: str = "customer_id"  # carried into every output; the target list names customers by it
     top: int = Field(100_000, ge=1)  # length of the ranked target list (the campaign's capacity)
-    batch_size: int = Field(65_536, ge=1)  # rows per actor call
+    # rows an actor reads, scores and writes at a time: its memory above the ~0.3 GB of imports is ~2 KB a
+    # row of it (validate_rows' Python strings); a slice is one row group of the actor's part file
+    batch_size: int = Field(16_384, ge=1)
     actors: int = Field(2, ge=1)  # scoring actors (each holds the model)
     cpus_per_actor: float = Field(1.0, gt=0)
     # write a Telco-like table of this many rows (1 in 500 broken) at ``input`` first (``make_table``)
@@ -59,9 +67,10 @@ class ScoreConfig(JobConfig):
 
 class Scorer:
     """A Ray Data actor: the churn model, loaded once from its files. Each call gets Parquet fragments (a
-    file's row group: path, index), reads them itself in slices of ``batch_size`` rows, scores, writes
-    its output parts and returns one summary row per fragment. Rows never pass through the object store:
-    an actor holds one slice at a time, so memory stays flat however large the table."""
+    file's row group: path, index), reads each itself in slices of ``batch_size`` rows, scores them and
+    appends them to one scored and one rejects part per fragment (``PartWriter``), and returns one summary
+    row per fragment. Rows never pass through the object store: an actor holds one slice at a time, so
+    its memory stays flat however large the table or its row groups."""
 
     def __init__(self, files: dict[str, bytes], output: str, id_column: str, top: int, batch_size: int):
         import torch
@@ -77,30 +86,103 @@ class Scorer:
 
     def __call__(self, fragments):
         import pandas as pd
+
+        return pd.DataFrame([self.fragment(str(path), int(group))
+                             for path, group in zip(fragments["path"], fragments["row_group"])])
+
+    def fragment(self, path: str, group: int) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        rows = []
-        for path, group in zip(fragments["path"], fragments["row_group"]):
-            fs, where = _fs(path)
-            with fs.open_input_file(where) as f:
-                for piece in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size, row_groups=[int(group)]):
-                    rows.append(self.score(piece.to_pandas()))
-        return pd.DataFrame(rows)
-
-    def score(self, batch) -> dict[str, Any]:
-        scored, rejected = self.model.score_frame(batch)
+        clv = self.model.encoder.clv_column
+        totals = {"rows": 0, "scored": 0, "rejected": 0, "targeted": 0, "expected_profit": 0.0}
+        hist = np.zeros(HIST_BINS, dtype=np.int64)
+        top = TopK(self.top)
         part = uuid.uuid4().hex
-        for sub, frame in (("scored", scored), ("rejects", rejected)):
-            if len(frame):
-                write_parquet(frame, f"{self.output}/{sub}/part-{part}.parquet")
-        targeted = scored[scored["target"]]
-        best = targeted.nlargest(self.top, "expected_profit")
-        hist, _ = np.histogram(scored["churn_probability"], bins=HIST_BINS, range=(0.0, 1.0))
-        return {"rows": len(batch), "scored": len(scored), "rejected": len(rejected), "targeted": len(targeted),
-                "expected_profit": float(targeted["expected_profit"].sum()), "hist": hist.tolist(),
-                "top_id": best[self.id_column].astype(str).tolist(), "top_p": best["churn_probability"].tolist(),
-                "top_profit": best["expected_profit"].tolist(),
-                "top_clv": best[self.model.encoder.clv_column].astype(float).tolist()}
+        fs, where = _fs(path)
+        with fs.open_input_file(where) as f, PartWriter(f"{self.output}/scored/part-{part}.parquet") as good, \
+                PartWriter(f"{self.output}/rejects/part-{part}.parquet") as bad:
+            # no thread pools in a 1-CPU actor: on a busy node their hand-offs cost more than they save
+            # (measured: 4x the wall time of reading 16Ki-row slices at load 5 on 2 CPUs)
+            for piece in pq.ParquetFile(f).iter_batches(batch_size=self.batch_size, row_groups=[group],
+                                                        use_threads=False):
+                scored, rejected = self.model.score_frame(piece.to_pandas(use_threads=False))
+                good.write(scored)
+                bad.write(rejected)
+                targeted = scored[scored["target"]]
+                best = targeted.nlargest(self.top, "expected_profit")
+                top.add(best[self.id_column].astype(str).to_numpy(), best["churn_probability"].to_numpy(),
+                        best["expected_profit"].to_numpy(), best[clv].to_numpy(dtype=np.float64))
+                hist += np.histogram(scored["churn_probability"], bins=HIST_BINS, range=(0.0, 1.0))[0]
+                for key, value in (("rows", piece.num_rows), ("scored", len(scored)), ("rejected", len(rejected)),
+                                   ("targeted", len(targeted)),
+                                   ("expected_profit", float(targeted["expected_profit"].sum()))):
+                    totals[key] += value
+        best = top.frame
+        return {**totals, "hist": hist.tolist(), "top_id": best["customer"].tolist(),
+                "top_p": best["churn_probability"].tolist(), "top_profit": best["expected_profit"].tolist(),
+                "top_clv": best["clv"].tolist()}
+
+
+class PartWriter:
+    """One Parquet part, written slice by slice (a row group each) and published only when complete: it is
+    written under a hidden name (``.<name>.tmp``, which Parquet readers skip) and renamed on a clean exit,
+    removed on an error, so a failed or retried actor call leaves no partial part and no duplicate rows.
+    Nothing is written for no rows. Object columns are text (``_arrow_table``), also while all-null; a slice
+    whose column types differ from the part's is cast to them, or, if it cannot be, starts a part of its own."""
+
+    def __init__(self, path: str):
+        self.path, self.writer, self.done = path, None, []
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def write(self, frame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not len(frame):
+            return
+        table = _arrow_table(frame, threads=1)
+        if self.writer is not None and not table.schema.equals(self.writer.schema, check_metadata=False):
+            try:
+                table = table.cast(self.writer.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError):
+                self._publish()
+        if self.writer is None:
+            # an object column with no value yet (null type) is text in every later slice: start it as text
+            table = table.cast(pa.schema([f.with_type(pa.large_string()) if pa.types.is_null(f.type) else f
+                                          for f in table.schema], metadata=table.schema.metadata))
+            final = self.path if not self.done else self.path.replace(".parquet", f"-{len(self.done)}.parquet")
+            fs, where = _fs(final)
+            fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
+            folder, name = where.rsplit("/", 1)
+            self.fs, self.tmp, self.final = fs, f"{folder}/.{name}.tmp", where
+            self.writer = pq.ParquetWriter(self.tmp, table.schema, filesystem=fs)
+        self.writer.write_table(table)
+
+    def _publish(self) -> None:
+        self.writer.close()
+        self.fs.move(self.tmp, self.final)
+        self.writer = None
+        self.done.append(self.final)
+
+    def __exit__(self, kind, *exc) -> None:
+        if kind is None:
+            if self.writer is not None:
+                self._publish()
+            return
+        doomed = list(self.done)  # an error: nothing of this part stays
+        if self.writer is not None:
+            doomed.append(self.tmp)
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+        for path in doomed:
+            try:
+                self.fs.delete_file(path)
+            except OSError:
+                pass
 
 
 def _fs(path: str):
@@ -134,18 +216,30 @@ def fragments(source: str) -> list[dict[str, Any]]:
     return out
 
 
-def write_parquet(frame, path: str) -> None:
-    """A pandas frame to one Parquet file at a local path or URI (pyarrow filesystems: s3://, gs://)."""
+def _arrow_table(frame, threads: int | None = None):
+    """A pandas frame as an Arrow table, without its index, converted by ``threads`` threads (pyarrow's
+    choice when None). Object columns (a rejected row's bad value next to good ones) become strings: None
+    and float NaN become nulls, every other cell str(cell)."""
     import pyarrow as pa
+    from pandas.api.types import infer_dtype
+
+    mixed = [c for c in frame.columns[frame.dtypes == object]
+             if infer_dtype(frame[c], skipna=False) != "string"]  # all str (a validated column): as it is
+    if mixed:
+        frame = frame.copy(deep=False)  # new columns, the caller's frame untouched
+        for c in mixed:
+            frame[c] = frame[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return pa.Table.from_pandas(frame, preserve_index=False, nthreads=threads)
+
+
+def write_parquet(frame, path: str, row_group_rows: int | None = None) -> None:
+    """A pandas frame to one Parquet file at a local path or URI (pyarrow filesystems: s3://, gs://), in
+    row groups of ``row_group_rows`` (pyarrow's default, 1Mi rows, when None)."""
     import pyarrow.parquet as pq
 
     fs, where = _fs(path)
     fs.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    # object columns of mixed cells (a rejected row's bad value next to good ones) become strings
-    frame = frame.copy()
-    for c in frame.columns[frame.dtypes == object]:
-        frame[c] = frame[c].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), where, filesystem=fs)
+    pq.write_table(_arrow_table(frame), where, filesystem=fs, row_group_size=row_group_rows)
 
 
 def write_text(text: str, path: str) -> None:
@@ -179,9 +273,10 @@ class TopK:
 
 
 def make_table(path: str | Path, rows: int, seed: int = 0, bad_rows: int = 0, chunk: int = 1_000_000,
-               id_column: str = "customer_id") -> Path:
+               id_column: str = "customer_id", row_group_rows: int | None = None) -> Path:
     """Write a Telco-like customer table of ``rows`` rows to the Parquet folder ``path``: real Telco
-    customers resampled with replacement (no churn label; a fresh id each), in files of ``chunk`` rows, with
+    customers resampled with replacement (no churn label; a fresh id each), in files of ``chunk`` rows
+    (row groups of ``row_group_rows``: the unit of work of the scoring actors), with
     ``bad_rows`` of them broken in ways a scoring job must reject (a missing value, a non-numeric charge, an
     unknown contract type, a negative CLV), spread over the table. Not synthetic in its values (each row is
     a real customer's), synthetic in its size."""
@@ -210,7 +305,7 @@ def make_table(path: str | Path, rows: int, seed: int = 0, bad_rows: int = 0, ch
                     frame.at[k, "contract"] = "Lifetime"
                 else:
                     frame.at[k, CLV] = -1.0
-        write_parquet(frame, str(path / f"part-{start // chunk:05d}.parquet"))
+        write_parquet(frame, str(path / f"part-{start // chunk:05d}.parquet"), row_group_rows)
     return path
 
 
@@ -253,7 +348,7 @@ def main(cfg: ScoreConfig) -> str:
     if cfg.id_column not in columns:
         raise ConfigError(f"id_column: the input has no column {cfg.id_column!r} (it has {', '.join(columns[:8])}, ...)")
 
-    ensure_ray()
+    ensure_ray(dashboard=False)  # a local Ray: no dashboard (~0.25 GB); Ray Data needs none
     require_cpus(cfg.actors * cfg.cpus_per_actor, "actors")
     for sub in ("scored", "rejects"):
         _clear(f"{cfg.output}/{sub}")

@@ -55,6 +55,10 @@ BYTES_PER_ROW = 75  # disk: table 15 B + pandas output 18 B + Ray output 28 B (m
 PANDAS_BYTES_PER_ROW = 1_600  # the pandas process' memory a row, until measured here (1.5 KB at 1M-2M rows)
 TARGET_RATIO, TARGET_GB = 1.0, 1.0  # issue 11: Ray >= 1.0x pandas' rows/s, peak <= 1 GB, flat in rows
 GB = 1e9
+# the job's own processes; everything else in the tree is Ray's runtime on the node (daemons, and the actors
+# Ray Data starts with its first job there), which a cluster has whether or not this job runs
+JOB_KINDS = ("driver", "scoring actors")
+RAY_DATA_RUNTIME = ("_AutoscalingCoordinatorActor", "_StatsActor", "ActorLocationTracker")
 
 
 def parse_rows(text: str) -> list[int]:
@@ -118,7 +122,9 @@ class TreeMemory:
             return "scoring actors"
         if name.startswith("ray::") and "Agent" in name:
             return "agents"
-        if name.startswith("ray::"):  # Ray Data's stats, autoscaling and location actors; idle workers
+        if name.startswith("ray::") and name.removeprefix("ray::").split(".")[0] in RAY_DATA_RUNTIME:
+            return "Ray Data runtime actors"
+        if name.startswith("ray::"):  # idle or prestarted workers
             return "other Ray workers"
         for key in ("raylet", "gcs_server", "dashboard", "monitor"):
             if key in name or key in cmd:
@@ -401,7 +407,17 @@ def verdict(results: list[dict]) -> list[str]:
                 f"({human(both[0]['rows'])} -> {human(both[-1]['rows'])})"
     lines.append(f"- Ray peak memory: {', '.join(f'{x:.2f}' for x in peaks)} GB (target <= {TARGET_GB:g} GB and "
                  f"flat: {mem}{flat})")
+    own = [job_memory(r["ray"]) / GB for r in results]
+    lines.append(f"- of which the job's own processes ({' and '.join(JOB_KINDS)}): {', '.join(f'{x:.2f}' for x in own)}"
+                 f" GB; the rest, {', '.join(f'{p - o:.2f}' for p, o in zip(peaks, own))} GB, is Ray's runtime on the "
+                 "node: gcs_server, raylet, agents, monitors, dashboard, and the coordinator, stats and "
+                 "actor-location actors Ray Data starts with its first job on a node")
     return lines
+
+
+def job_memory(contender: dict) -> float:
+    """Bytes of the job's own processes at the contender's peak (``JOB_KINDS``)."""
+    return sum(contender["split"].get(k, 0) for k in JOB_KINDS)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -416,6 +432,9 @@ def plot(results: list[dict], path: Path) -> None:
         label = results[0][key]["contender"]
         a.plot([r["rows"] for r in ran], [r["rows"] / r[key]["seconds"] for r in ran], style, label=label)
         b.plot([r["rows"] for r in ran], [r[key]["peak"] / GB for r in ran], style, label=label)
+        if key == "ray":
+            b.plot([r["rows"] for r in ran], [job_memory(r[key]) / GB for r in ran], "s:", color=b.lines[-1].get_color(),
+                   label=f"{label}: driver + scoring actors")
     b.axhline(TARGET_GB, color="grey", ls="--", lw=1, label="target (1 GB)")
     for ax, ylabel in ((a, "rows/s (scoring)"), (b, "peak memory, GB (summed PSS)")):
         ax.set_xscale("log")

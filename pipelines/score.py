@@ -24,9 +24,12 @@ the summary. ``make_table`` writes test tables: Telco-like customers resampled f
 a given number of deliberately broken rows.
 
 Scale (benchmarks/score_scale.py, docs/results/score_scale.md): the job's memory stays flat in the table's
-size (~1.8 GB summed over every process of a local Ray on 2 CPUs, ~0.65 GB of it Ray's own processes),
-where one pandas process holding the whole table takes ~1.5 KB a row. Parallelism comes from row groups:
-a table needs at least ``actors`` of them (pyarrow writes 1Mi-row groups by default).
+size: ~1.5 GB summed over every process of a local Ray on 2 CPUs, of which ~0.8 GB are the job's own
+(driver ~0.3, each scoring actor ~0.23: Ray and pandas imports ~0.18, a 16Ki-row slice ~0.05; no torch, as
+ChurnModel scores with numpy) and ~0.7 GB Ray's runtime on the node (daemons, and Ray Data's coordinator,
+stats and actor-location actors). One pandas process holding the whole table takes ~1.5 KB a row.
+Parallelism comes from row groups: a table needs at least ``actors`` of them (pyarrow writes 1Mi-row
+groups by default).
 """
 from __future__ import annotations
 
@@ -73,11 +76,8 @@ class Scorer:
     its memory stays flat however large the table or its row groups."""
 
     def __init__(self, files: dict[str, bytes], output: str, id_column: str, top: int, batch_size: int):
-        import torch
+        from tasks.churn import ChurnModel  # numpy only: no torch in a scoring actor (~180 MB each)
 
-        from tasks.churn import ChurnModel
-
-        torch.set_num_threads(1)
         with tempfile.TemporaryDirectory() as tmp:
             for name, blob in files.items():
                 (Path(tmp) / name).write_bytes(blob)

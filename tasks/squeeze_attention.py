@@ -73,6 +73,7 @@ from tasks.llm import (
     SlidingWindow,
     StepInfo,
     StreamingLLM,
+    decode_step,
     kv_cache_bytes,
     kv_cache_lengths,
 )
@@ -447,21 +448,6 @@ def _attached(policy, model):
     return policy.attached(model) if hasattr(policy, "attached") else contextlib.nullcontext()
 
 
-def _forward(model, cache, tokens: torch.Tensor, start: int, policy, info: StepInfo):
-    """Feed ``tokens`` at absolute positions ``start, start + 1, ...``, then let the policy prune: the step
-    of ``tasks.llm.generate`` (same positions and masks, so the two agree token for token)."""
-    batch, device = tokens.shape[0], tokens.device
-    positions = torch.arange(start, start + tokens.shape[1], device=device).expand(batch, -1)
-    mask = None
-    lengths = kv_cache_lengths(cache) if start > 0 else []
-    if lengths and len(set(lengths)) > 1:  # per-layer lengths differ: one all-zero mask broadcasts to each
-        mask = torch.zeros(batch, 1, 1, 1, dtype=model.dtype, device=device)
-    out = model(input_ids=tokens, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
-    cache = out.cache if out.cache is not None else cache
-    pruned = policy.prune(cache, info)
-    return out.logits[:, -1], (pruned if pruned is not None else cache)
-
-
 Budgets = int | Sequence[int] | Callable[[torch.Tensor], Sequence[int]] | None
 
 
@@ -511,11 +497,11 @@ def kv_budget_loss(model, windows: torch.Tensor, prompt_len: int, budgets: Budge
             with _attached(kv_policy, model):
                 cache = DynamicCache(config=model.config)
                 info = StepInfo(0, prompt_len, prompt_len, num_layers)
-                logits, cache = _forward(model, cache, prompt, 0, kv_policy, info)
+                logits, cache = decode_step(model, cache, prompt, 0, kv_policy, info)
                 losses = [F.cross_entropy(logits.float(), window[prompt_len: prompt_len + 1], reduction="sum")]
                 for t in range(prompt_len, length - 1):
                     info = StepInfo(t - prompt_len + 1, t + 1, prompt_len, num_layers)
-                    logits, cache = _forward(model, cache, window[t: t + 1].unsqueeze(0), t, kv_policy, info)
+                    logits, cache = decode_step(model, cache, window[t: t + 1].unsqueeze(0), t, kv_policy, info)
                     losses.append(F.cross_entropy(logits.float(), window[t + 1: t + 2], reduction="sum"))
             nlls.append(torch.stack(losses).double().mean().cpu())
             used.append(chosen if not ready else getattr(policy, "budgets", None))

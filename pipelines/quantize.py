@@ -39,23 +39,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
-from pipelines.core.config import ConfigError, JobConfig, Section, run_cli
-
-BASE_MODELS = ("smollm2", "tiny_llama")
-
-
-class CorpusConfig(Section):
-    # austen:<novel> (Debian r-cran-janeaustenr: emma, mansfieldpark, northangerabbey, persuasion,
-    # prideprejudice, sensesensibility) or stdlib (Python's standard library source)
-    text: str = "austen:persuasion"
-    windows: int = Field(8, ge=1)    # consecutive windows, from the start of the text at seed 0
-    window: int = Field(512, ge=2)   # tokens each
+from pipelines.core.config import JobConfig, run_cli
+from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base
 
 
 class QuantizeConfig(JobConfig):
     experiment: str = "llm-quantization"
     run_name: str | None = None
-    model: Literal["smollm2", "tiny_llama"] = "smollm2"
+    model: BaseLM = "smollm2"
     method: Literal["rtn", "kmeans", "squeezellm", "random_weights"] = "squeezellm"
     bits: int = Field(3, ge=1, le=8)
     group_size: int | None = Field(None, ge=1)  # rtn/k-means per group of input columns; None: one table per row
@@ -77,10 +68,6 @@ class QuantizeConfig(JobConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeConfig":
-        for key in ("calibration", "eval"):
-            text = getattr(self, key).text
-            if text != "stdlib" and not text.startswith("austen:"):
-                raise ValueError(f"{key}.text: 'austen:<novel>' or 'stdlib', got {text!r}")
         if self.register_as and not self.log_model:
             raise ValueError("register_as: needs log_model: true (there is no artifact to register)")
         return self
@@ -88,38 +75,6 @@ class QuantizeConfig(JobConfig):
     @property
     def needs_fisher(self) -> bool:
         return self.method == "squeezellm" or self.sensitive_pct > 0
-
-
-def load_base(cfg: QuantizeConfig):
-    """(model in eval mode, tokenizer) for ``cfg.model``."""
-    from tasks import llm
-
-    if cfg.model == "smollm2":
-        try:
-            return llm.load_smollm2()
-        except (ModuleNotFoundError, FileNotFoundError) as exc:
-            raise ConfigError(f"model: {exc}") from None
-    return llm.tiny_llama(vocab_size=llm.ByteTokenizer.vocab_size, seed=0), llm.ByteTokenizer()
-
-
-def corpus_windows(corpus: CorpusConfig, tokenizer, key: str, skip: int = 0):
-    """LongTensor [windows, window] of ``corpus``, after the first ``skip`` windows' tokens; a text too
-    short or unknown is a config error."""
-    from tasks import llm
-
-    if corpus.text == "stdlib":
-        text = llm.stdlib_text()
-    else:
-        novels = llm.austen_texts()
-        name = corpus.text.split(":", 1)[1]
-        if name not in novels:
-            raise ConfigError(f"{key}.text: no novel {name!r}; one of {', '.join(sorted(novels))}")
-        text = novels[name]
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][skip * corpus.window:]
-    try:
-        return llm.token_windows(ids, None, corpus.window, corpus.windows)
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _decode(tokenizer, ids) -> str:
@@ -149,7 +104,7 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
     tracking.tracking_uri()  # fails early (exit 2) when a submitted job has no store
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    model, tokenizer = load_base(cfg)
+    model, tokenizer = load_base(cfg.model)
     load_s = time.perf_counter() - t0
     # seed s takes the s-th block of consecutive windows of each text: seeds differ in what the Fisher
     # sees and what is scored, and every method at a seed is scored on the same windows (paired)

@@ -38,8 +38,9 @@ from pipelines.core.training import default_storage
 
 # job -> its config class; a sweep can run any of them
 JOBS = {"train": "TrainConfig", "distill": "DistillConfig", "fit": "FitConfig", "value": "ValueConfig",
-        "compress": "CompressConfig", "churn": "ChurnConfig", "quantize": "QuantizeConfig"}
-IN_PROCESS = {"fit", "value", "compress", "churn", "quantize"}  # jobs whose trial trains in its own process (no Ray Train worker group)
+        "compress": "CompressConfig", "churn": "ChurnConfig", "quantize": "QuantizeConfig",
+        "kv_budget": "KVBudgetConfig"}
+IN_PROCESS = {"fit", "value", "compress", "churn", "quantize", "kv_budget"}  # jobs whose trial trains in its own process (no Ray Train worker group)
 
 
 class SweepConfig(JobConfig):
@@ -47,7 +48,7 @@ class SweepConfig(JobConfig):
     title: str = ""  # the claim, in the paper's words (default: the name)
     paper: str = ""  # citation, and the baseline / numbers the paper reports
     experiment: str = "claims"  # MLflow experiment of the parent and child runs
-    job: Literal["train", "distill", "fit", "value", "compress", "churn", "quantize"] = "distill"  # pipelines.<job> runs every trial
+    job: Literal["train", "distill", "fit", "value", "compress", "churn", "quantize", "kv_budget"] = "distill"  # pipelines.<job> runs every trial
     config: str  # the job's base YAML (relative to the repository root)
     overrides: list[str] = Field(default_factory=list)  # dotted overrides for every trial
     arms: dict[str, list[str]]  # arm name -> its own overrides (a loss, a method, ...)

@@ -1,5 +1,7 @@
 """How a sweep turns its config into trial configs: grid cells (axes of keys that move together
 included) and the trial's seed named in overrides."""
+from pathlib import Path
+
 import pytest
 
 from pipelines.core.config import ConfigError, load_config
@@ -25,3 +27,15 @@ def test_linked_grid_keys_move_together_and_seed_fills_overrides(tmp_path):
 def test_a_linked_axis_needs_one_value_per_key():
     with pytest.raises(ConfigError, match="one per key"):
         load_config(SweepConfig, CLAIM, ['grid={"data.condensed_ipc, train.batch_size": [[1, 10], [10]]}'], False)
+
+
+CLAIMS = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "claims"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in CLAIMS.glob("*.yaml")), ids=lambda p: Path(p).stem)
+def test_every_shipped_claim_resolves_every_trial_config(path):
+    # a typo in an arm, a grid key or an override fails here, not hours into `make claim-...`
+    sweep = load_config(SweepConfig, path, [], False)
+    for arm in sweep.arms:
+        for cell in sweep.cells():
+            job_config(sweep, arm, cell, sweep.seeds[0], "ci")

@@ -282,11 +282,7 @@ def main(cfg: CompressConfig, parent_run_id: str | None = None, report=None) -> 
               f"1-image latency {latency:.2f} ms (source {source_latency:.2f} ms)", flush=True)
         if report:
             report({**{f"{r['stage']}/acc": r["acc"] for r in rows}, **summary})
-    if cfg.register_as:
-        version = tracking.register(run.info.run_id, cfg.register_as, alias="current")
-        print(f"[compress] registered {cfg.register_as} version {version} (alias current)", flush=True)
-    print(f"[compress] done: MLflow run {run.info.run_id}", flush=True)
-    return run.info.run_id
+    return tracking.finish("compress", run.info.run_id, cfg.register_as)
 
 
 if __name__ == "__main__":

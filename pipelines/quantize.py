@@ -183,11 +183,7 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
         print(f"[quantize] sample: {cfg.prompt!r} -> {sample!r}", flush=True)
         if report:
             report(metrics)
-    if cfg.register_as:
-        version = tracking.register(run.info.run_id, cfg.register_as, alias="current")
-        print(f"[quantize] registered {cfg.register_as} version {version} (alias current)", flush=True)
-    print(f"[quantize] done: MLflow run {run.info.run_id}", flush=True)
-    return run.info.run_id
+    return tracking.finish("quantize", run.info.run_id, cfg.register_as)
 
 
 if __name__ == "__main__":

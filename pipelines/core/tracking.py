@@ -240,3 +240,12 @@ def register(run_id: str, name: str, alias: str | None = None) -> str:
         client.set_registered_model_alias(name, alias, version.version)
     return version.version
 
+
+def finish(job: str, run_id: str, register_as: str | None = None) -> str:
+    """A job's last words: register its model as ``register_as`` (alias current) when asked, print where
+    the run is, and return the run id."""
+    if register_as:
+        version = register(run_id, register_as, alias="current")
+        print(f"[{job}] registered {register_as} version {version} (alias current)", flush=True)
+    print(f"[{job}] done: MLflow run {run_id}", flush=True)
+    return run_id

@@ -12,19 +12,12 @@ import torch.nn.functional as F
 from tasks import deep_compression as dc
 from tasks.common.registry import get_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # a tiny SqueezeNet (fire widths 16..64) with BatchNorm, so the file also carries norms and int64 buffers
 TINY_SQUEEZENET = {"num_classes": 10, "in_channels": 1, "stem": "small", "base_e": 16, "incr_e": 16,
                    "batch_norm": True}
 DIGITS_MLP = {"num_classes": 10, "in_features": 64, "hidden": [64, 32]}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tensors here are small: thread hand-offs cost more than they save, badly so on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(name, kwargs, seed=0):

@@ -27,16 +27,9 @@ from tasks.llm import (
     token_windows,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 96
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~10x faster on one thread than on two threads of a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,11 @@ from tasks.squeeze_attention import (
     squeeze_budgets,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 128
 PROMPT, LENGTH = 16, 32
 BYTES_PER_ENTRY = 2 * 2 * 16 * 4  # key + value, 2 KV heads, head_dim 64 / 4 = 16, float32: per token per layer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run much faster on one thread than on two threads of a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from tasks import squeezellm as sq
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small tensors: thread hand-offs cost more than they save, badly so on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _heavy(rows=32, cols=128, seed=0):

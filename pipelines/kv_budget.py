@@ -27,7 +27,7 @@ from pydantic import Field
 
 from pipelines.core import tracking
 from pipelines.core.config import ConfigError, JobConfig, run_cli
-from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base
+from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base, model_label
 
 
 class KVBudgetConfig(JobConfig):
@@ -86,7 +86,7 @@ def main(cfg: KVBudgetConfig, parent_run_id: str | None = None, report=None) -> 
     else:
         def budgets(ids):
             return sa.random_budgets(sa.squeeze_budgets(model, ids, budget, cfg.p, low), cfg.seed)
-    name = cfg.run_name or time.strftime(f"kv-{cfg.model}-{cfg.policy}-{cfg.allocation}-%Y%m%d-%H%M%S")
+    name = cfg.run_name or time.strftime(f"kv-{model_label(cfg.model)}-{cfg.policy}-{cfg.allocation}-%Y%m%d-%H%M%S")
     tags = {"model": cfg.model, "policy": cfg.policy, "allocation": cfg.allocation, "text": cfg.text.text,
             "model.random_weights": str(cfg.model == "tiny_llama")}
     with tracking.job_run(cfg, "kv_budget", cfg.experiment, name, parent_run_id=parent_run_id, tags=tags) as run:

@@ -40,7 +40,7 @@ from pydantic import Field, model_validator
 
 from pipelines.core import tracking
 from pipelines.core.config import JobConfig, run_cli
-from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base
+from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base, model_label
 
 
 class QuantizeConfig(JobConfig):
@@ -114,7 +114,7 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
     prompt = torch.as_tensor(tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"], dtype=torch.long)
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     numel = sum(p.numel() for p in params)
-    name = cfg.run_name or time.strftime(f"quantize-{cfg.model}-{cfg.method}-{cfg.bits}b-%Y%m%d-%H%M%S")
+    name = cfg.run_name or time.strftime(f"quantize-{model_label(cfg.model)}-{cfg.method}-{cfg.bits}b-%Y%m%d-%H%M%S")
     tags = {"model": cfg.model, "method": cfg.method, "bits": str(cfg.bits), "eval.text": cfg.eval.text,
             "model.random_weights": str(cfg.model == "tiny_llama")}
     with tracking.job_run(cfg, "quantize", cfg.experiment, name, parent_run_id=parent_run_id, tags=tags) as run:

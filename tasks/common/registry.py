@@ -14,8 +14,8 @@ F = TypeVar("F", bound=Callable)
 # kind -> modules whose import registers entries of that kind
 _PROVIDERS: dict[str, tuple[str, ...]] = {
     "model": ("tasks.squeezenet", "tasks.mlp", "tasks.minimoe", "tasks.text_models", "tasks.legendretron",
-              "tasks.lenet"),
-    "dataset": ("tasks.common.datasets", "tasks.common.text", "tasks.common.tables"),
+              "tasks.lenet", "tasks.byte_lm"),
+    "dataset": ("tasks.common.datasets", "tasks.common.text", "tasks.common.tables", "tasks.byte_lm"),
     "loss": ("tasks.common.losses", "tasks.kd", "tasks.minimoe", "tasks.squentropy", "tasks.ensloss"),
 }
 _REGISTRIES: dict[str, dict[str, Callable]] = {kind: {} for kind in _PROVIDERS}

@@ -12,7 +12,9 @@ def test_claim_sweep_runs_paired_trials_and_writes_the_report(cluster, mlflow_cl
     claim = {
         "name": "ci", "title": "CI claim", "paper": "none (machinery check)", "job": "distill",
         "config": "pipelines/configs/distill_mlp_fashion.yaml",
-        "overrides": [f"teacher.model_uri=runs:/{mlp_teacher}", f"scaling.storage_path={cluster.storage}"],
+        # smaller than --smoke: the machinery is the point, and four Ray Train trials add up in CI
+        "overrides": [f"teacher.model_uri=runs:/{mlp_teacher}", f"scaling.storage_path={cluster.storage}",
+                      "train.epochs=1", "data.limit_train=128", "data.limit_eval=64"],
         "arms": {"kd": [], "ws": ["student.init=weight_squeezing"]}, "baseline": "kd",
         "metrics": ["train/kd"], "results_dir": str(tmp_path),
     }

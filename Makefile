@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets claim-squeezellm claim-squeeze_attention
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets claim-squeezellm claim-squeezellm_byte_lm claim-squeeze_attention
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min; Jane Austen's novels:
@@ -139,6 +139,11 @@ clean:
 # (90 trials, ~1.5 min each without the Fisher pass, ~2.5 min with it: ~3 h on 2 cores)
 claim-squeezellm: setup
 	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeezellm_bits.yaml
+
+# the same frontier on the byte-level LM trained here (trains and registers it first: ~15 min; 90 small trials ~40 min)
+claim-squeezellm_byte_lm: setup
+	$(BIN)/python -m pipelines.train --config pipelines/configs/byte_lm_austen.yaml
+	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeezellm_bits_byte_lm.yaml
 
 # SqueezeAttention: 3 allocations x 3 eviction policies x KV budgets of 10/20/30% x 5 paired seeds on SmolLM2-135M
 # (135 trials, 2 at a time on one thread each, ~2.5 min each: ~3 h on 2 cores)

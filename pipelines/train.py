@@ -148,7 +148,8 @@ def _publish(cfg: TrainConfig, data: WorkerData, kwargs: dict[str, Any], state, 
     size = log_model(log, final, cfg.model.name, saved, data, cfg.data.name, test_acc=test_acc)
     log.metrics({"test/acc": test_acc, "model/bytes": size, "ranks/identical": float(len(set(digests)) == 1),
                  "model/parameters": sum(p.numel() for p in final.parameters())}, step=cfg.train.epochs)
-    print(f"[train] test accuracy {test_acc:.4f} on {len(data.test_y)} images; model {size:,} bytes", flush=True)
+    unit = {"lm": "windows (next-token accuracy)", "text": "texts"}.get(data.kind, "images")
+    print(f"[train] test accuracy {test_acc:.4f} on {len(data.test_y)} {unit}; model {size:,} bytes", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,11 +124,12 @@ def test_distilled_student_is_served(cluster, kd_runs):
 def test_text_teacher_minilm_distils_into_a_bert_student_with_relation_kd(cluster, mlflow_client):
     from tests.integration.conftest import train
 
-    short = "data.max_length=32"  # CI-sized sequences; the shipped configs use 128
-    teacher, _ = train(cluster, "minilm", short, config="pipelines/configs/minilm_fine_foods.yaml")
+    # CI-sized: short sequences (the shipped configs use 128) and few texts; the property is the wiring
+    short = ("data.max_length=32", "data.limit_train=128", "data.limit_eval=64")
+    teacher, _ = train(cluster, "minilm", *short, config="pipelines/configs/minilm_fine_foods.yaml")
     t = mlflow_client.get_run(teacher)
     assert t.data.tags["model"] == "minilm_classifier" and t.data.metrics["model/parameters"] > 22_000_000
-    run_id, _ = distill(cluster, "text", "pipelines/configs/distill_text.yaml", short,
+    run_id, _ = distill(cluster, "text", "pipelines/configs/distill_text.yaml", *short,
                         f"teacher.model_uri=runs:/{teacher}",
                         "losses.rel={name: relation_kd, weight: 1.0, group: distill, num_relation_heads: 32}")
     m = mlflow_client.get_run(run_id).data.metrics

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.squeezelab-installed
 MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score toto-tables drill-failover claims-churn claim-sre2l sre2l-sets claim-squeezellm claim-squeezellm_byte_lm claim-squeeze_attention
+.PHONY: setup data browser demo test test-unit test-integration bench mlflow-ui mlflow-server clean teachers claims-distill claims-losses claims-value bench-distill bench-proper-losses bench-score bench-llm toto-tables drill-failover claims-churn claim-sre2l sre2l-sets claim-squeezellm claim-squeezellm_byte_lm claim-squeeze_attention
 
 setup: $(STAMP) data
 	@# text data (fine_foods: Debian r-cran-modeldata; fortunes: fortunes + fortunes-min; Jane Austen's novels:
@@ -75,6 +75,10 @@ bench-distill: setup
 # python -m pipelines.churn --config pipelines/configs/churn_telco.yaml; ~25 min, ~2 GB of disk)
 bench-score: setup
 	$(BIN)/python benchmarks/score_scale.py
+
+# SmolLM2 generation: fp32 vs packed 3/4-bit (cached and lean) vs a StreamingLLM KV cache, + quantization time
+bench-llm: setup
+	$(BIN)/python benchmarks/llm_generate.py
 
 # node-loss drill on a real 2-node Ray cluster on this machine (head + worker as separate `ray start`):
 # the worker node is SIGKILLed mid-training, the job resumes from its checkpoint -> docs/results/failover.md (~6 min)

@@ -26,30 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.common.datasets import ImageSplits
 from tasks.common.registry import register_dataset, register_model
 
 VOCAB = 256  # bytes
 HELD_OUT = "persuasion"  # also the SmolLM2 evaluation text of pipelines.quantize
+BYTE_NAMES = tuple(f"0x{b:02x}" for b in range(VOCAB))  # the "classes": one per next byte
 
 
 @dataclass(frozen=True)
-class LMSplits:
-    """Windows of token ids, int64: x [N, context] and y [N, context] (y[:, t] follows x[:, t])."""
-    name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    source: str
-    synthetic: bool = False
-    num_classes: int = VOCAB
-    classes: tuple[str, ...] = ()
-
-    @property
-    def input_shape(self) -> tuple[int]:
-        return (self.train_x.shape[1],)
+class LMSplits(ImageSplits):
+    """Windows of token ids, int64: x [N, context] and y [N, context] (y[:, t] follows x[:, t]). The split
+    layout of the image sets (input_shape = (context,); one class per byte value), without normalisation."""
 
 
 def _windows(data: bytes, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +66,7 @@ class AustenBytes:
         held = self.texts[HELD_OUT].encode("utf-8")
         vx, vy = _windows(held[: len(held) // 2], context)
         tx, ty = _windows(held[len(held) // 2:], context)
-        return LMSplits("austen_bytes", x[order], y[order], vx, vy, tx, ty, source=self.source)
+        return LMSplits("austen_bytes", BYTE_NAMES, x[order], y[order], vx, vy, tx, ty, source=self.source)
 
 
 @register_dataset("austen_bytes")

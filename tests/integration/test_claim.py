@@ -12,9 +12,11 @@ def test_claim_sweep_runs_paired_trials_and_writes_the_report(cluster, mlflow_cl
     claim = {
         "name": "ci", "title": "CI claim", "paper": "none (machinery check)", "job": "distill",
         "config": "pipelines/configs/distill_mlp_fashion.yaml",
-        # smaller than --smoke: the machinery is the point, and four Ray Train trials add up in CI
+        # smaller than --smoke and two trials at a time on one worker each: the machinery is the point, and
+        # four Ray Train trials one after the other (start-up bound) took two minutes of CI
         "overrides": [f"teacher.model_uri=runs:/{mlp_teacher}", f"scaling.storage_path={cluster.storage}",
-                      "train.epochs=1", "data.limit_train=128", "data.limit_eval=64"],
+                      "train.epochs=1", "data.limit_train=128", "data.limit_eval=64", "scaling.num_workers=1"],
+        "max_concurrent": 2,
         "arms": {"kd": [], "ws": ["student.init=weight_squeezing"]}, "baseline": "kd",
         "metrics": ["train/kd"], "results_dir": str(tmp_path),
     }

@@ -77,10 +77,6 @@ class QuantizeConfig(JobConfig):
         return self.method == "squeezellm" or self.sensitive_pct > 0
 
 
-def _decode(tokenizer, ids) -> str:
-    return tokenizer.decode(ids.tolist(), skip_special_tokens=True)
-
-
 def _same_outputs(a, b, window) -> None:
     """The reloaded artifact must compute what the quantized model in memory computes, bit for bit."""
     import torch
@@ -159,7 +155,7 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
             del model
             ppl = llm.perplexity(back, evals)
             tokens, gen = llm.generate(back, prompt, cfg.max_new_tokens)
-            sample = _decode(tokenizer, tokens)
+            sample = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
             errors = [s["rel_error"] for s in stats["layers"].values()]
             metrics = {
                 "reference/perplexity": ref_ppl, "quantized/perplexity": ppl,

@@ -144,12 +144,12 @@ clean:
 claim-squeezellm: setup
 	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeezellm_bits.yaml
 
-# the same frontier on the byte-level LM trained here (trains and registers it first: ~15 min; 90 small trials ~40 min)
+# the same frontier on the byte-level LM trained here (trains and registers it first: ~15 min; 75 small trials ~10 min)
 claim-squeezellm_byte_lm: setup
 	$(BIN)/python -m pipelines.train --config pipelines/configs/byte_lm_austen.yaml
 	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeezellm_bits_byte_lm.yaml
 
 # SqueezeAttention: 3 allocations x 3 eviction policies x KV budgets of 10/20/30% x 5 paired seeds on SmolLM2-135M
-# (135 trials, 2 at a time on one thread each, ~2.5 min each: ~3 h on 2 cores)
+# (135 trials of 2 windows, 2 at a time on one thread each, ~75 s each: ~1.5 h on 2 cores)
 claim-squeeze_attention: setup
 	$(BIN)/python -m pipelines.sweep --config pipelines/configs/claims/squeeze_attention.yaml

@@ -21,7 +21,9 @@ Steps, in this process on ``threads`` CPUs (tasks/squeezellm.py, tasks/llm.py, t
    dense-and-sparse part (``outlier_pct`` % largest magnitudes, ``sensitive_pct`` % largest Fisher values);
 5. the artifact written (packed layers, the rest in float16, config, tokenizer), read back into a fresh
    model, checked to compute exactly what the quantized model in memory computes, and evaluated: its
-   perplexity, generation speed and sample text are what the run reports.
+   perplexity, generation speed and sample text are what the run reports;
+6. unless ``blackbox: null``, the packed model is also scored against the full-precision one from samples
+   only (tasks/proper_losses.py: a black-box proper loss over next-token draws at held-out positions).
 
 Effective bits count everything the packed layers store (codes, look-up tables, sparse part) from the
 bytes written; ``artifact/bytes`` is the whole directory on disk. Logged as the run's model, the artifact
@@ -39,8 +41,16 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from pipelines.core import tracking
-from pipelines.core.config import JobConfig, run_cli
+from pipelines.core.config import JobConfig, Section, run_cli
 from pipelines.core.language import BaseLM, CorpusConfig, corpus_windows, load_base, model_label
+
+
+class BlackBoxConfig(Section):
+    # the quantized model's next-token distributions vs the full-precision model's, from draws only, at
+    # positions spread over the eval windows (chosen by the seed: the same for every method at a seed)
+    contexts: int = Field(128, ge=2)  # positions scored (the rounds)
+    m: int = Field(32, ge=2)          # draws from the quantized model at each position
+    k: int = Field(32, ge=1)          # draws from the full-precision model (the target) at each position
 
 
 class QuantizeConfig(JobConfig):
@@ -57,6 +67,7 @@ class QuantizeConfig(JobConfig):
     eval: CorpusConfig = Field(default_factory=CorpusConfig)
     prompt: str = "The capital of Italy is"
     max_new_tokens: int = Field(32, ge=1)
+    blackbox: BlackBoxConfig | None = Field(default_factory=BlackBoxConfig)  # null: skip the black-box loss
     seed: int = 0  # which windows of each text (block ``seed``), the random-weights control's draws
     threads: int = Field(2, ge=1)  # for perplexity, Fisher and generation (the k-means runs on one)
     log_model: bool = True  # log the artifact (SmolLM2 at 3 bits: ~100 MB) as the run's model
@@ -86,6 +97,37 @@ def _same_outputs(a, b, window) -> None:
     if not torch.equal(la, lb):
         raise RuntimeError(f"the reloaded artifact's logits differ from the quantized model's "
                            f"(max |diff| {float((la - lb).abs().max()):.3g})")
+
+
+def _blackbox_positions(bb: BlackBoxConfig, seed: int, windows: int, window: int) -> list[tuple[int, int]]:
+    """(window, token) pairs: round-robin over the windows, the token uniform over 1..window-2."""
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(1, window - 1, bb.contexts)
+    return [(i % windows, int(t)) for i, t in enumerate(tokens)]
+
+
+def _blackbox_metrics(quantized, reference, bb: BlackBoxConfig, seed: int) -> dict[str, float]:
+    """The black-box proper loss of Kimpara et al. (tasks/proper_losses.py: the power score with d = 2,
+    i.e. Brier, from m model draws and k target draws per position) of the quantized model against the
+    full-precision one, and of the full-precision model against itself: the floor, scored on the same
+    target draws, so the per-position difference is paired. That gap is unbiased for the mean squared
+    distance between the two next-token distributions, which ``sq_distance_exact`` gives from the
+    probabilities themselves (a check on the estimate: no black box there)."""
+    import math
+
+    import numpy as np
+
+    from tasks import proper_losses as pl
+
+    target = pl.conditional_sampler(reference)
+    kw = {"rounds": len(reference), "m": bb.m, "k": bb.k, "rng": seed}
+    small = pl.evaluate(pl.conditional_sampler(quantized), target, "power", **kw)
+    floor = pl.evaluate(pl.conditional_sampler(reference), target, "power", **kw)
+    gap = small.values - floor.values
+    exact = float(((quantized.astype(np.float64) - reference) ** 2).sum(1).mean())
+    return {"blackbox/power": small.mean, "blackbox/power_reference": floor.mean,
+            "blackbox/power_gap": float(gap.mean()), "blackbox/power_gap_se": float(gap.std(ddof=1) / math.sqrt(len(gap))), "blackbox/sq_distance_exact": exact}
 
 
 def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> str:
@@ -121,6 +163,9 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
         print(f"[quantize] reference perplexity {ref_ppl:.3f} on {cfg.eval.windows} x {cfg.eval.window} tokens of "
               f"{cfg.eval.text} ({time.perf_counter() - t0:.0f} s)", flush=True)
         _, ref_gen = llm.generate(model, prompt, cfg.max_new_tokens)
+        positions = (_blackbox_positions(cfg.blackbox, cfg.seed, len(evals), evals.shape[1])
+                     if cfg.blackbox else None)
+        ref_probs = llm.next_token_probs(model, evals, positions) if positions else None
 
         fisher, fisher_s = None, 0.0
         if cfg.needs_fisher:
@@ -167,6 +212,9 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
                 "time/fisher_s": fisher_s, "time/quantize_s": quantize_s,
                 "generation/reference_tokens_per_s": ref_gen["tokens_per_s"],
                 "generation/tokens_per_s": gen["tokens_per_s"]}
+            if positions:
+                metrics |= _blackbox_metrics(llm.next_token_probs(back, evals, positions), ref_probs,
+                                             cfg.blackbox, cfg.seed)
             mlflow.log_metrics(metrics)
             mlflow.log_dict(stats, "quantization.json")
             mlflow.log_text(f"{cfg.prompt}{sample}\n", "sample.txt")
@@ -176,6 +224,12 @@ def main(cfg: QuantizeConfig, parent_run_id: str | None = None, report=None) -> 
               f"{total['effective_bits']:.3f} effective bits; artifact {size:,} bytes "
               f"({2 * numel / size:.1f}x smaller than float16); {gen['tokens_per_s']:.1f} tokens/s "
               f"(full precision {ref_gen['tokens_per_s']:.1f})", flush=True)
+        if positions:
+            print(f"[quantize] black-box Brier loss (draws only, {cfg.blackbox.contexts} positions x "
+                  f"{cfg.blackbox.m} + {cfg.blackbox.k} draws): {metrics['blackbox/power']:.4f} vs "
+                  f"{metrics['blackbox/power_reference']:.4f} for full precision, gap "
+                  f"{metrics['blackbox/power_gap']:.4f} +- {metrics['blackbox/power_gap_se']:.4f} (exact squared "
+                  f"distance {metrics['blackbox/sq_distance_exact']:.4f})", flush=True)
         print(f"[quantize] sample: {cfg.prompt!r} -> {sample!r}", flush=True)
         if report:
             report(metrics)

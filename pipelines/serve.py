@@ -1,4 +1,5 @@
-"""Serve a logged image classifier over HTTP with Ray Serve: ``POST /classify``.
+"""Serve a logged image classifier over HTTP with Ray Serve: ``POST /classify``; or, when the artifact is
+a packed LM (``pipelines.quantize``), text generation at ``POST /generate`` (pipelines/serve_text.py).
 
     python -m pipelines.serve model_uri=runs:/<run_id>               # blocks; Ctrl-C stops it
     python -m pipelines.serve model_uri=models:/squeezenet-fashion@current port=8000
@@ -147,29 +148,38 @@ class ImageClassifier:
 
 
 def app_builder(args: dict[str, str]):
-    """``serve run pipelines.serve:app_builder model_uri=...``: build the application from CLI args."""
-    known = {"model_uri", "tracking_uri", "max_images", "max_batch_size", "batch_wait_timeout_s", "threads"}
-    unknown = set(args) - known
-    if unknown or "model_uri" not in args:
-        raise ValueError(f"app args: need model_uri; unknown {sorted(unknown)}; known {sorted(known)}")
-    casts = {"max_images": int, "max_batch_size": int, "batch_wait_timeout_s": float, "threads": int}
-    kwargs = {k: casts.get(k, str)(v) for k, v in args.items()}
-    if "tracking_uri" not in kwargs:
-        from pipelines.core.tracking import tracking_uri
+    """``serve run pipelines.serve:app_builder model_uri=...``: build the application from CLI args (the
+    classifier, or text generation when the artifact is a packed LM)."""
+    from pipelines.core.tracking import read_model_spec, tracking_uri
 
-        kwargs["tracking_uri"] = tracking_uri()
+    if "model_uri" not in args:
+        raise ValueError("app args: need model_uri")
+    text = read_model_spec(args["model_uri"]).get("model") == "packed_lm"
+    casts = ({"max_prompt_tokens": int, "max_new_tokens": int, "threads": int} if text else
+             {"max_images": int, "max_batch_size": int, "batch_wait_timeout_s": float, "threads": int})
+    unknown = set(args) - set(casts) - {"model_uri", "tracking_uri"}
+    if unknown:
+        raise ValueError(f"app args: unknown {sorted(unknown)}; known {sorted(casts) + ['model_uri', 'tracking_uri']}")
+    kwargs = {k: casts.get(k, str)(v) for k, v in args.items()}
+    kwargs.setdefault("tracking_uri", tracking_uri())
+    if text:
+        from pipelines.serve_text import TextGenerator
+
+        return TextGenerator.bind(**kwargs)
     return ImageClassifier.bind(**kwargs)
 
 
 class ServeConfig(JobConfig):
-    model_uri: str  # runs:/<run_id> or models:/<name>@<alias>
+    model_uri: str  # runs:/<run_id> or models:/<name>@<alias>: an image classifier or a packed LM
     host: str = "127.0.0.1"  # loopback unless you mean to expose it
     port: int = Field(8000, ge=1, le=65535)
     max_images: int = Field(64, ge=1)  # per request
     max_batch_size: int = Field(32, ge=1)  # @serve.batch across requests
     batch_wait_timeout_s: float = Field(0.002, ge=0)  # added latency of a lone request
     threads: int = Field(1, ge=1)  # torch threads per replica
-    app_name: str = "classifier"
+    max_prompt_tokens: int = Field(1024, ge=1)  # packed LM: per request
+    max_new_tokens: int = Field(256, ge=1)      # packed LM: per request
+    app_name: str | None = None  # default: "classifier" or "text"
     access_log: bool = False  # echo one line per request to this terminal
     block: bool = True  # keep serving until Ctrl-C
 
@@ -177,18 +187,31 @@ class ServeConfig(JobConfig):
 
 
 def deploy(cfg: ServeConfig) -> str:
-    """Start Serve on host:port and deploy the classifier; returns the base URL."""
+    """Start Serve on host:port and deploy the model (the classifier, or text generation for a packed LM,
+    chosen from the artifact's model.json); returns the base URL."""
     from pipelines.core import tracking
+    from pipelines.core.config import ConfigError
     from pipelines.core.ray_session import ensure_ray
 
     uri = tracking.tracking_uri()
+    try:
+        spec = tracking.read_model_spec(cfg.model_uri)
+    except Exception as exc:  # MLflow raises several types for a missing run, model, alias or file
+        raise ConfigError(f"model_uri: cannot read {cfg.model_uri!r}: {exc}") from exc
     ensure_ray(uri)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    app = ImageClassifier.bind(model_uri=cfg.model_uri, tracking_uri=uri, max_images=cfg.max_images,
-                               max_batch_size=cfg.max_batch_size,
-                               batch_wait_timeout_s=cfg.batch_wait_timeout_s, threads=cfg.threads)
+    if spec.get("model") == "packed_lm":
+        from pipelines.serve_text import TextGenerator
+
+        app = TextGenerator.bind(model_uri=cfg.model_uri, tracking_uri=uri, max_prompt_tokens=cfg.max_prompt_tokens,
+                                 max_new_tokens=cfg.max_new_tokens, threads=cfg.threads)
+    else:
+        app = ImageClassifier.bind(model_uri=cfg.model_uri, tracking_uri=uri, max_images=cfg.max_images,
+                                   max_batch_size=cfg.max_batch_size,
+                                   batch_wait_timeout_s=cfg.batch_wait_timeout_s, threads=cfg.threads)
     # per-request access lines go to the replica's log file, not to the driver's terminal
-    serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False,
+    serve.run(app, name=cfg.app_name or ("text" if spec.get("model") == "packed_lm" else "classifier"),
+              route_prefix="/", blocking=False,
               logging_config={"enable_access_log": cfg.access_log, "log_level": "WARNING"})
     return f"http://{cfg.host}:{cfg.port}"
 
@@ -223,7 +246,7 @@ def request_latencies(url: str, images: np.ndarray, n: int) -> list[float]:
 
 def main(cfg: ServeConfig) -> str:
     url = deploy(cfg)
-    print(f"[serve] {cfg.model_uri} at {url}/classify  (docs: {url}/docs)", flush=True)
+    print(f"[serve] {cfg.model_uri} at {url}  (its routes: {url}/docs)", flush=True)
     if cfg.block:
         try:
             while True:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -235,6 +236,21 @@ def nll_per_window(model, windows: torch.Tensor, batch_size: int = 1) -> torch.T
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
             out.append(nll.view(len(batch), -1).double().mean(1).cpu())
     return torch.cat(out)
+
+
+def next_token_probs(model, windows: torch.Tensor, positions: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The model's next-token distribution after token ``t`` of window ``w`` (it predicts token t + 1
+    from tokens 0..t of that window), for each (w, t) in ``positions``: float32 [len(positions), vocab].
+    One forward pass per window that holds a position."""
+    windows = torch.as_tensor(windows, dtype=torch.long)
+    device = next(model.parameters()).device
+    rows: dict[tuple[int, int], np.ndarray] = {}
+    with torch.inference_mode():
+        for w in sorted({w for w, _ in positions}):
+            ts = sorted({t for wi, t in positions if wi == w})
+            logits = model(input_ids=windows[w: w + 1].to(device), use_cache=False).logits[0, ts].float()
+            rows.update(zip(((w, t) for t in ts), torch.softmax(logits, -1).cpu().numpy()))
+    return np.stack([rows[tuple(p)] for p in positions])
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1) -> float:

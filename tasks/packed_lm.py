@@ -92,16 +92,19 @@ def load_packed_lm(directory: str | Path, tokenizer: bool = True):
     if spec.get("format") != FORMAT:
         raise ValueError(f"{directory / SPEC} describes a {spec.get('format') or spec.get('model')!r}, "
                          f"not a packed LM ({FORMAT})")
+    from accelerate import init_empty_weights
+
     config = tf.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    # a plain CPU build (random init, ~2 s for 135M): on the meta device the rotary embedding's
-    # non-persistent inv_freq buffer, which no file holds, would be left uninitialised
-    model = tf.AutoModelForCausalLM.from_config(config)
+    # parameters on the meta device (no float32 skeleton: ~540 MB for SmolLM2 that the packed model
+    # would never use), buffers on the CPU: the rotary embedding's non-persistent inv_freq is in no file
+    with init_empty_weights(include_buffers=False):
+        model = tf.AutoModelForCausalLM.from_config(config)
     state = load_file(str(directory / WEIGHTS))
     packed = {k for k in state if k.rsplit(".", 1)[-1] in PACKED_KEYS and k.rsplit(".", 1)[0] + ".meta" in state}
     floats = {k: (v if k in packed or not v.is_floating_point() else v.to(torch.float32)) for k, v in state.items()}
     for alias, source in spec.get("tied", {}).items():
         floats[alias] = floats[source]
-    load_packed_state(model, floats)
+    load_packed_state(model, floats, assign=True)
     model.tie_weights()  # the same Parameter again where the config ties them
     tok = None
     if tokenizer and (directory / "tokenizer_config.json").exists():

@@ -135,6 +135,30 @@ def _draw(sampler: Sampler, n: int, rng: np.random.Generator) -> Samples:
     return out
 
 
+def conditional_sampler(probs: np.ndarray) -> Sampler:
+    """A black box for a conditional model: one outcome distribution per context (the rows of ``probs``,
+    [contexts, outcomes], e.g. an LM's next-token distributions at held-out positions). ``sample(n, rng)``
+    needs n = contexts x r and returns r draws from context 0, then r from context 1, and so on (outcome
+    ids, int64). Used as both the model and the target of ``evaluate(..., rounds=contexts)``, round i is
+    context i (rounds are consecutive blocks, and outcomes of different rounds never collide), so the
+    mean loss is the conditional loss averaged over the contexts. Only its draws reach the loss."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[0] < 1 or (probs < 0).any() or not (probs.sum(1) > 0).all():
+        raise ValueError(f"probs must be [contexts, outcomes] of non-negative rows with mass, got {probs.shape}")
+    cdf = np.cumsum(probs, axis=1)
+    cdf /= cdf[:, -1:]
+
+    def sample(n: int, rng: np.random.Generator) -> np.ndarray:
+        contexts = cdf.shape[0]
+        if n % contexts:
+            raise ValueError(f"{n} draws do not split evenly over {contexts} contexts")
+        u = rng.random((contexts, n // contexts))
+        draws = np.stack([np.searchsorted(row, ui, side="right") for row, ui in zip(cdf, u)])
+        return np.minimum(draws, cdf.shape[1] - 1).reshape(-1).astype(np.int64)  # guards u ~ 1 - eps
+
+    return sample
+
+
 # ------------------------------------------------------------------------------ counts per round
 def falling_factorial(n: np.ndarray | int, j: int) -> np.ndarray:
     """(n)_j = n (n-1) ... (n-j+1), elementwise; 1 for j = 0 and 0 for integer 0 <= n < j."""

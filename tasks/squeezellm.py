@@ -602,11 +602,13 @@ def packed_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def load_packed_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], cache: bool = True) -> nn.Module:
+def load_packed_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], cache: bool = True,
+                      assign: bool = False) -> nn.Module:
     """Load ``packed_state`` output into a model of the same architecture, quantised or not.
 
     Every module whose six packed tensors are present becomes a QuantLinear built from them; then
-    the whole state is loaded strictly. Returns the model.
+    the whole state is loaded strictly (``assign``: the tensors become the parameters instead of being
+    copied into them, as a model built on the meta device needs). Returns the model.
     """
     prefixes = {k[: -len("meta")] for k in tensors if k == "meta" or k.endswith(".meta")}
     for prefix in sorted(p for p in prefixes if all(p + k in tensors for k in PACKED_KEYS)):
@@ -614,5 +616,5 @@ def load_packed_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], cac
             raise ValueError("the model itself is a quantised linear: wrap it in a container module")
         layer = QuantLinear(PackedWeight.from_tensors(tensors, prefix), tensors.get(prefix + "bias"), cache)
         model.set_submodule(prefix[:-1], layer)
-    model.load_state_dict(dict(tensors), strict=True)
+    model.load_state_dict(dict(tensors), strict=True, assign=assign)
     return model

@@ -209,6 +209,19 @@ def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     return Path(local)
 
 
+def read_model_spec(model_uri: str) -> dict:
+    """A logged model's model.json alone (what it is, how to load it), without fetching its weights."""
+    import json
+
+    from tasks.common.model_io import SPEC
+
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(tracking_uri())
+    path = mlflow.artifacts.download_artifacts(artifact_uri=f"{resolve_model_uri(model_uri).rstrip('/')}/{SPEC}",
+                                               dst_path=tempfile.mkdtemp(prefix="squeezelab-spec-"))
+    return json.loads(Path(path).read_text())
+
+
 def download_configured_model(model_uri: str, key: str) -> Path:
     """``download_model`` for a model a config names under ``key``: a wrong run id, name or alias is a
     config error that names the key (exit 2), not a traceback."""

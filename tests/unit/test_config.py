@@ -50,3 +50,14 @@ def test_parse_override_and_flatten():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a=text") == ("a", "text")
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": {}}) == {"a.b": 1, "a.c.d": None, "e": {}}
+
+
+@pytest.mark.parametrize("override, key", [("bits=9", "bits"), ("eval.text=gutenberg:ulysses", "eval.text"),
+                                           ("blackbox.m=1", "blackbox.m")])
+def test_quantize_config_errors_name_the_key(override, key):
+    # the job's exit 2 with this message is checked end to end in tests/integration/test_quantize.py
+    from pipelines.quantize import QuantizeConfig
+
+    with pytest.raises(ConfigError) as err:
+        load_config(QuantizeConfig, "pipelines/configs/quantize_smollm2.yaml", [override])
+    assert key in str(err.value)

@@ -2,6 +2,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from tasks.llm import (
     generate,
     kv_cache_bytes,
     kv_cache_lengths,
+    next_token_probs,
     nll_per_window,
     perplexity,
     stdlib_files,
@@ -66,6 +68,20 @@ def test_perplexity_is_exp_of_the_mean_next_token_nll_computed_by_hand(model):
     assert perplexity(model, windows[:1]) == pytest.approx(math.exp(out.loss.item()), rel=1e-5)  # HF's loss
     assert perplexity(model, windows) == pytest.approx(math.exp(by_hand.mean().item()), rel=1e-5)
     assert perplexity(model, windows, batch_size=3) == pytest.approx(perplexity(model, windows), rel=1e-6)
+
+
+def test_next_token_probs_are_the_softmax_at_the_asked_positions_in_their_order(model):
+    windows = prompt(17, batch=3, seed=3)
+    positions = [(2, 5), (0, 0), (2, 15), (0, 0), (1, 9)]  # any order, repeats allowed
+    probs = next_token_probs(model, windows, positions)
+    assert probs.dtype == np.float32 and probs.shape == (5, VOCAB)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits.double()
+    for row, (w, t) in zip(probs, positions):
+        np.testing.assert_allclose(row, logits[w, t].softmax(-1).numpy(), atol=1e-6)
+    # the probability of the true next token is what the perplexity averages
+    by_hand = -logits[:, :-1].log_softmax(-1).gather(-1, windows[:, 1:, None]).squeeze(-1)
+    assert -math.log(probs[4, windows[1, 10]]) == pytest.approx(by_hand[1, 9].item(), abs=1e-5)
 
 
 def test_token_windows_are_deterministic_non_overlapping_and_shaped():

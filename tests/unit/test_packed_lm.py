@@ -26,6 +26,10 @@ def test_artifact_rebuilds_the_quantized_model_bit_for_bit(tmp_path, method, ext
     layers = [n for n, m in back.named_modules() if isinstance(m, QuantLinear)]
     assert sorted(layers) == sorted(stats["layers"]) == spec["packed_layers"]
     assert back.lm_head.weight is back.model.embed_tokens.weight  # tied again, stored once
+    # built with its parameters on the meta device: every tensor must now be real, and the rotary
+    # embedding's inv_freq (in no file) computed, not left empty
+    assert not any(t.is_meta for t in [*back.parameters(), *back.buffers()])
+    assert torch.equal(back.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     stored = load_file(str(tmp_path / "model.safetensors"))
     assert "lm_head.weight" not in stored and stored["model.embed_tokens.weight"].dtype == torch.float16
     assert spec["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}

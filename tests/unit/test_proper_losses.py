@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tasks.proper_losses import (
+    conditional_sampler,
     evaluate,
     geometric_cross_entropy,
     monomial_estimate,
@@ -270,3 +271,32 @@ def test_held_out_targets_are_split_into_disjoint_rounds():
     assert e.rounds == 25 and e.values.shape == (25,)
     with pytest.raises(ValueError, match="disjoint rounds"):
         evaluate(sampler(q), target, "squared_distance", rounds=26, m=3, k=4, rng=0)
+
+
+# ------------------------------------------------------------------------- conditional (per-context) models
+def test_conditional_sampler_draws_each_block_from_its_own_row():
+    probs = np.array([[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.2, 0.2, 0.6]])
+    draws = conditional_sampler(probs)(3 * 20_000, np.random.default_rng(0)).reshape(3, -1)
+    freq = np.stack([np.bincount(row, minlength=3) / row.size for row in draws])
+    np.testing.assert_allclose(freq, probs, atol=0.015)
+    assert (draws[1] == 2).all() and not (draws[0] == 2).any()  # zero-probability outcomes never come out
+    with pytest.raises(ValueError, match="split evenly"):
+        conditional_sampler(probs)(10, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="contexts, outcomes"):
+        conditional_sampler(np.array([0.5, 0.5]))
+
+
+def test_paired_gap_to_the_target_scored_against_itself_is_unbiased_for_the_mean_squared_distance():
+    # the quantize job's black-box comparison: per context, power(p vs q) - power(q vs q), on the same
+    # target draws, estimates ||p - q||^2; averaged over contexts it must match the exact mean
+    rng = np.random.default_rng(5)
+    q = rng.dirichlet(np.full(12, 0.3), size=400)
+    p = 0.8 * q + 0.2 * rng.dirichlet(np.ones(12), size=400)
+    target = conditional_sampler(q)
+    kw = {"rounds": 400, "m": 8, "k": 8, "rng": 11}
+    small = evaluate(conditional_sampler(p), target, "power", **kw)
+    floor = evaluate(conditional_sampler(q), target, "power", **kw)
+    gap = small.values - floor.values
+    exact = ((p - q) ** 2).sum(1).mean()
+    assert exact > 0 and abs(gap.mean() - exact) < 4 * gap.std(ddof=1) / np.sqrt(gap.size), (gap.mean(), exact)
+    assert np.allclose(floor.values.mean(), -(q**2).sum(1).mean(), atol=4 * floor.stderr)

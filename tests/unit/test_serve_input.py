@@ -39,3 +39,43 @@ def test_bad_input_is_a_4xx_with_a_reason(raw, status, reason):
         parse_images(raw, SHAPE, 8)
     assert err.value.status == status and 400 <= status < 500
     assert reason in err.value.reason
+
+
+# --- POST /generate (pipelines/serve_text.py) ---------------------------------------------------------
+def test_generate_defaults_and_a_full_request():
+    from pipelines.serve_text import parse_generate
+
+    req = parse_generate(body({"prompt": "Hi"}), 64)
+    assert req == {"prompt": "Hi", "max_new_tokens": 32, "temperature": 0.0, "top_k": None, "seed": 0,
+                   "policy": "full", "budget": None, "allocation": "uniform"}
+    req = parse_generate(body({"prompt": "Hi", "max_new_tokens": 64, "temperature": 0.7, "top_k": 5, "seed": 3,
+                               "kv": {"policy": "streaming_llm", "budget": 16, "allocation": "squeeze"}}), 64)
+    assert (req["max_new_tokens"], req["temperature"], req["top_k"], req["seed"]) == (64, 0.7, 5, 3)
+    assert (req["policy"], req["budget"], req["allocation"]) == ("streaming_llm", 16, "squeeze")
+
+
+@pytest.mark.parametrize("raw,status,reason", [
+    (b"", 400, "empty body"),
+    (b"{not json", 400, "not valid JSON"),
+    (body(["Hi"]), 422, 'key "prompt"'),
+    (body({"prompt": ""}), 422, "prompt: must be a non-empty string"),
+    (body({"prompt": 3}), 422, "prompt: must be str, got int"),
+    (body({"prompt": "Hi", "max_tokens": 3}), 422, "unknown keys ['max_tokens']"),
+    (body({"prompt": "Hi", "max_new_tokens": 65}), 422, "max_new_tokens: must be 1..64, got 65"),
+    (body({"prompt": "Hi", "max_new_tokens": True}), 422, "max_new_tokens: must be int, got bool"),
+    (body({"prompt": "Hi", "temperature": -1}), 422, "temperature"),
+    (body({"prompt": "Hi", "top_k": 0}), 422, "top_k"),
+    (body({"prompt": "Hi", "kv": {"policy": "h2o", "budget": 8}}), 422, "kv.policy"),
+    (body({"prompt": "Hi", "kv": {"policy": "streaming_llm"}}), 422, "kv.budget: streaming_llm needs an integer"),
+    (body({"prompt": "Hi", "kv": {"policy": "streaming_llm", "budget": 4}}), 422, "budget >= 5"),
+    (body({"prompt": "Hi", "kv": {"policy": "sliding_window", "budget": 8, "allocation": "x"}}), 422,
+     "kv.allocation"),
+    (body({"prompt": "Hi", "kv": {"budget": 8}}), 422, "the full cache takes no budget"),
+    (b'{"prompt": "' + b"a" * (65 * 2**10) + b'"}', 413, "exceeds the limit"),
+])
+def test_bad_generate_requests_name_the_field(raw, status, reason):
+    from pipelines.serve_text import parse_generate
+
+    with pytest.raises(BadRequest) as exc:
+        parse_generate(raw, 64)
+    assert exc.value.status == status and reason in exc.value.reason, exc.value.reason

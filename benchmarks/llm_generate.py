@@ -21,9 +21,9 @@ Each contender greedily decodes ``--new-tokens`` tokens after a ``--prompt``-tok
 Persuasion); reported: prefill s, decode tokens/s, KV bytes at the end, bytes on disk and peak RSS.
 Writes docs/results/llm_generate.md (``--report``). The packed contenders run on the same kernels as
 float32 (there is no look-up-table matmul here): the win on a CPU is bytes on disk and, with ``lean``,
-RAM, not speed. Known cost in the peak: ``load_packed_lm`` first builds the architecture in float32
-(~540 MB for SmolLM2) and then swaps in the packed layers, so every packed contender's peak includes that
-skeleton; building it on the meta device would remove it.
+RAM, not speed. ``load_packed_lm`` builds the architecture with its parameters on the meta device, so no
+float32 copy of the weights is ever allocated for a packed contender (the float16 embedding is widened to
+float32 on load; the fp32 contender's peak includes reading the GGUF file).
 """
 from __future__ import annotations
 

@@ -81,11 +81,11 @@ def main(cfg: KVBudgetConfig, parent_run_id: str | None = None, report=None) -> 
     if cfg.allocation == "uniform":
         budgets = budget
     elif cfg.allocation == "squeeze":
-        def budgets(ids):
-            return sa.squeeze_budgets(model, ids, budget, cfg.p, low)
+        def budgets(ids):  # no layer is given more than the window - 1 entries it can ever hold
+            return sa.squeeze_budgets(model, ids, budget, cfg.p, low, cfg.text.window - 1)
     else:
         def budgets(ids):
-            return sa.random_budgets(sa.squeeze_budgets(model, ids, budget, cfg.p, low), cfg.seed)
+            return sa.random_budgets(sa.squeeze_budgets(model, ids, budget, cfg.p, low, cfg.text.window - 1), cfg.seed)
     name = cfg.run_name or time.strftime(f"kv-{model_label(cfg.model)}-{cfg.policy}-{cfg.allocation}-%Y%m%d-%H%M%S")
     tags = {"model": cfg.model, "policy": cfg.policy, "allocation": cfg.allocation, "text": cfg.text.text,
             "model.random_weights": str(cfg.model == "tiny_llama")}

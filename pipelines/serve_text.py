@@ -140,7 +140,7 @@ class TextGenerator:
         budgets = req["budget"]
         if req["allocation"] == "squeeze":
             budgets = sa.squeeze_budgets(self.model, ids[None], req["budget"], sa.DEFAULT_P,
-                                         sa.policy_min_budget(req["policy"]))
+                                         sa.policy_min_budget(req["policy"]), len(ids) + req["max_new_tokens"] - 1)
         return sa.budget_policy(req["policy"], budgets), budgets
 
     def _generate(self, req: dict, ids) -> dict[str, Any]:

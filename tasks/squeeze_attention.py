@@ -200,12 +200,16 @@ def group_layers(similarity: Sequence[float], k: int = NUM_GROUPS) -> np.ndarray
 
 
 def squeeze_allocate(similarity: Sequence[float], uniform_budget: int, p: float = DEFAULT_P,
-                     min_budget: int = 1) -> list[int]:
+                     min_budget: int = 1, max_budget: int | None = None) -> list[int]:
     """Integer KV budget per layer with the same total as ``uniform_budget`` on every layer.
 
     G3 (the highest-cosine cluster) gets ``floor(p * uniform_budget + 0.5)`` entries, clamped to
     [``min_budget``, ``uniform_budget``] (``p`` is b_G3 / b_init in the paper's terms); the other layers share
-    the rest equally, the remainder going one entry each to the lowest-cosine layers (then lowest index)."""
+    the rest equally, the remainder going one entry each to the lowest-cosine layers (then lowest index).
+    ``max_budget``: the most entries a layer can ever hold (the sequence length). When G3 is most of the
+    layers, the few others would be given more than that and the surplus would be lost, the total kept
+    falling below the uniform one; it is handed on instead, in equal shares, to the layers below the cap
+    (in the same order), so that the total stays the uniform one."""
     sim = np.asarray(similarity, dtype=np.float64).reshape(-1)
     n, budget = len(sim), int(uniform_budget)
     if n == 0:
@@ -225,14 +229,29 @@ def squeeze_allocate(similarity: Sequence[float], uniform_budget: int, p: float 
     out = [b3] * n
     for rank, i in enumerate(others):
         out[i] = share + (1 if rank < extra else 0)
+    return out if max_budget is None else _cap_budgets(out, int(max_budget), sorted(range(n), key=lambda i: (sim[i], i)))
+
+
+def _cap_budgets(budgets: list[int], cap: int, order: list[int]) -> list[int]:
+    """Water-filling: no budget above ``cap``; what is cut goes in equal shares (remainder by ``order``) to
+    the layers still below it, until none is over or every layer is at the cap."""
+    out = list(budgets)
+    while (surplus := sum(max(0, b - cap) for b in out)) > 0:
+        out = [min(b, cap) for b in out]
+        free = [i for i in order if out[i] < cap]
+        if not free:
+            break
+        share, extra = divmod(surplus, len(free))
+        for rank, i in enumerate(free):
+            out[i] += share + (1 if rank < extra else 0)
     return out
 
 
 def squeeze_budgets(model, prompt_ids: torch.Tensor, uniform_budget: int, p: float = DEFAULT_P,
-                    min_budget: int = 1) -> list[int]:
+                    min_budget: int = 1, max_budget: int | None = None) -> list[int]:
     """``squeeze_allocate`` of ``layer_importance(model, prompt_ids)``: costs one extra forward of the prompt
     (``SqueezeAttentionBudget`` measures during the real prefill instead)."""
-    return squeeze_allocate(layer_importance(model, prompt_ids).tolist(), uniform_budget, p, min_budget)
+    return squeeze_allocate(layer_importance(model, prompt_ids).tolist(), uniform_budget, p, min_budget, max_budget)
 
 
 def random_budgets(budgets: Sequence[int], seed: int = 0) -> list[int]:

@@ -73,6 +73,22 @@ def test_total_budget_is_conserved_exactly():
     assert checked > 1000
 
 
+def test_a_cap_hands_the_surplus_on_and_keeps_the_total():
+    # G3 is 4 of 6 layers: the 2 others would get 20 entries each of a 15-token sequence
+    sim = [0.1, 0.5, 0.9, 0.9, 0.9, 0.9]
+    assert squeeze_allocate(sim, 10, 0.5) == [20, 20, 5, 5, 5, 5]
+    capped = squeeze_allocate(sim, 10, 0.5, max_budget=15)
+    assert capped == [15, 15, 8, 8, 7, 7] and sum(capped) == 60  # 10 over the cap, handed on in layer order
+    assert squeeze_allocate(sim, 10, 0.5, max_budget=20) == [20, 20, 5, 5, 5, 5]  # a cap that never binds
+    assert squeeze_allocate(sim, 10, 0.5, max_budget=10) == [10] * 6  # cap = uniform: nothing can move
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sim, budget = rng.random(int(rng.integers(2, 12))).tolist(), int(rng.integers(1, 40))
+        cap = int(rng.integers(budget, 3 * budget + 2))
+        out = squeeze_allocate(sim, budget, float(rng.uniform(0, 1)), max_budget=cap)
+        assert sum(out) == budget * len(sim) and max(out) <= cap
+
+
 def test_allocation_known_values():
     sim = [0.2, 0.5, 0.52, 0.9, 0.91, 0.95]  # clusters {0.2} {0.5, 0.52} {0.9, 0.91, 0.95}
     assert squeeze_allocate(sim, 10, 0.5) == [15, 15, 15, 5, 5, 5]

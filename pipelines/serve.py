@@ -154,14 +154,14 @@ def app_builder(args: dict[str, str]):
 
     if "model_uri" not in args:
         raise ValueError("app args: need model_uri")
-    text = read_model_spec(args["model_uri"]).get("model") == "packed_lm"
+    store = args.get("tracking_uri") or tracking_uri()
+    text = read_model_spec(args["model_uri"], store).get("model") == "packed_lm"
     casts = ({"max_prompt_tokens": int, "max_new_tokens": int, "threads": int} if text else
              {"max_images": int, "max_batch_size": int, "batch_wait_timeout_s": float, "threads": int})
     unknown = set(args) - set(casts) - {"model_uri", "tracking_uri"}
     if unknown:
         raise ValueError(f"app args: unknown {sorted(unknown)}; known {sorted(casts) + ['model_uri', 'tracking_uri']}")
-    kwargs = {k: casts.get(k, str)(v) for k, v in args.items()}
-    kwargs.setdefault("tracking_uri", tracking_uri())
+    kwargs = {k: casts.get(k, str)(v) for k, v in args.items()} | {"tracking_uri": store}
     if text:
         from pipelines.serve_text import TextGenerator
 

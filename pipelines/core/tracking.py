@@ -209,14 +209,15 @@ def download_model(model_uri: str, dst: str | Path | None = None) -> Path:
     return Path(local)
 
 
-def read_model_spec(model_uri: str) -> dict:
-    """A logged model's model.json alone (what it is, how to load it), without fetching its weights."""
+def read_model_spec(model_uri: str, store: str | None = None) -> dict:
+    """A logged model's model.json alone (what it is, how to load it), without fetching its weights;
+    ``store``: the tracking URI (default: ``tracking_uri()``)."""
     import json
 
     from tasks.common.model_io import SPEC
 
     mlflow = _mlflow()
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(store or tracking_uri())
     path = mlflow.artifacts.download_artifacts(artifact_uri=f"{resolve_model_uri(model_uri).rstrip('/')}/{SPEC}",
                                                dst_path=tempfile.mkdtemp(prefix="squeezelab-spec-"))
     return json.loads(Path(path).read_text())

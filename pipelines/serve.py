@@ -40,19 +40,24 @@ class BadRequest(Exception):
         self.status, self.reason = status, reason
 
 
-def parse_images(body: bytes, shape: tuple[int, ...], max_images: int, pixel_max: float = 255.0) -> np.ndarray:
-    """Validate a request body into a float32 array (n, C, H, W); raise BadRequest naming the problem."""
+def json_body(body: bytes, key: str, example: str, max_bytes: int = MAX_BODY_BYTES) -> dict:
+    """A request body as a JSON object that holds ``key``; raise BadRequest naming the problem."""
     if not body:
-        raise BadRequest(400, "empty body: send {\"images\": [...]}")
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        raise BadRequest(400, f"empty body: send {{\"{key}\": {example}}}")
+    if len(body) > max_bytes:
+        raise BadRequest(413, f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(400, "body is not valid JSON") from None
-    if not isinstance(payload, dict) or "images" not in payload:
-        raise BadRequest(422, "expected a JSON object with key \"images\"")
-    images = payload["images"]
+    if not isinstance(payload, dict) or key not in payload:
+        raise BadRequest(422, f"expected a JSON object with key \"{key}\"")
+    return payload
+
+
+def parse_images(body: bytes, shape: tuple[int, ...], max_images: int, pixel_max: float = 255.0) -> np.ndarray:
+    """Validate a request body into a float32 array (n, C, H, W); raise BadRequest naming the problem."""
+    images = json_body(body, "images", "[...]")["images"]
     if not isinstance(images, list) or not images:
         raise BadRequest(422, "images: must be a non-empty list of images")
     if len(images) > max_images:

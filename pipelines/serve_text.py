@@ -24,7 +24,6 @@ time per replica; requests wait for their turn (batched decoding across requests
 
 # no `from __future__ import annotations`: FastAPI must see the real `Request` type in Serve ingress.
 import asyncio
-import json
 import os
 import threading
 import time
@@ -34,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from pipelines.serve import BadRequest
+from pipelines.serve import BadRequest, json_body
 
 MAX_BODY_BYTES = 64 * 2**10  # a prompt of the largest allowed length is far below this
 POLICIES = ("full", "sliding_window", "streaming_llm")
@@ -52,16 +51,7 @@ def _field(payload: dict, key: str, kind: type | tuple[type, ...], default: Any 
 def parse_generate(body: bytes, max_new_tokens: int) -> dict[str, Any]:
     """Validate a ``/generate`` body (all but the token counts, which need the tokenizer) into keyword
     arguments; raise BadRequest naming the field."""
-    if not body:
-        raise BadRequest(400, 'empty body: send {"prompt": "..."}')
-    if len(body) > MAX_BODY_BYTES:
-        raise BadRequest(413, f"body of {len(body)} bytes exceeds the limit of {MAX_BODY_BYTES}")
-    try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest(400, "body is not valid JSON") from None
-    if not isinstance(payload, dict) or "prompt" not in payload:
-        raise BadRequest(422, 'expected a JSON object with key "prompt"')
+    payload = json_body(body, "prompt", '"..."', MAX_BODY_BYTES)
     unknown = set(payload) - {"prompt", "max_new_tokens", "temperature", "top_k", "seed", "kv"}
     if unknown:
         raise BadRequest(422, f"unknown keys {sorted(unknown)}")
